@@ -1,2 +1,16 @@
 """mxdit: Wan2.2 video diffusion with microscaling (MX) quantization, portable across Ascend NPU, NVIDIA GPU and CPU."""
 __version__ = "0.1.0"
+
+
+def load_transformer(path, **kwargs):
+    """Load a Wan2.x transformer; see :func:`mxdit.loader.load_transformer`."""
+    from mxdit.loader import load_transformer as _load
+
+    return _load(path, **kwargs)
+
+
+def quantize_module(module, method, **options):
+    """Online-quantize the linear layers of any module; see :func:`mxdit.quant.module.quantize_module`."""
+    from mxdit.quant.module import quantize_module as _qm
+
+    return _qm(module, method, **options)

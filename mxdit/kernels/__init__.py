@@ -1,0 +1,70 @@
+"""Kernel backends behind one interface (see :mod:`mxdit.kernels.base`).
+
+Selection: an explicit name (quant option ``backend=`` or the environment
+variable ``MXDIT_KERNEL_BACKEND``) wins; otherwise the weights' device decides:
+``npu`` -> the torch_npu backend, ``cuda`` -> Triton when it is importable,
+anything else -> the reference backend.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+
+from mxdit.kernels.base import (
+    KernelBackend,
+    quantize_fp8_per_token,
+    quantize_int8_per_token,
+    quantize_int8_static,
+)
+from mxdit.kernels.reference import ReferenceBackend
+
+# name -> "module:Class", imported on first use so optional dependencies stay optional
+_BACKENDS: dict[str, str] = {
+    "reference": "mxdit.kernels.reference:ReferenceBackend",
+    "npu": "mxdit.kernels.npu:NPUBackend",
+    "triton": "mxdit.kernels.triton:TritonBackend",
+}
+_INSTANCES: dict[str, KernelBackend] = {}
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def register_backend(name: str, target: str) -> None:
+    """Register ``name`` -> ``"package.module:Class"`` (a KernelBackend subclass)."""
+    _BACKENDS[name] = target
+    _INSTANCES.pop(name, None)
+
+
+def get_backend(name: str) -> KernelBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown kernel backend {name!r}; valid: {available_backends()}")
+    if name not in _INSTANCES:
+        mod, cls = _BACKENDS[name].split(":")
+        _INSTANCES[name] = getattr(importlib.import_module(mod), cls)()
+    return _INSTANCES[name]
+
+
+def select_backend(device: torch.device | str, override: Optional[str] = None) -> KernelBackend:
+    name = override or os.environ.get("MXDIT_KERNEL_BACKEND") or None
+    if name:
+        return get_backend(name)
+    dev = torch.device(device)
+    if dev.type == "npu":
+        return get_backend("npu")
+    if dev.type == "cuda" and "triton" in _BACKENDS:
+        try:
+            return get_backend("triton")
+        except ImportError:
+            pass
+    return get_backend("reference")
+
+
+__all__ = [
+    "KernelBackend", "ReferenceBackend", "available_backends", "register_backend", "get_backend", "select_backend",
+    "quantize_fp8_per_token", "quantize_int8_per_token", "quantize_int8_static",
+]

@@ -1,0 +1,21 @@
+"""Quantization: the QuantConfig / LinearMethod interface, online methods,
+msmodelslim schemes, the registry and quantize_module."""
+from mxdit.quant.base import LinearMethod, QuantConfig, UnquantizedLinearMethod, default_weight_loader, get_weight_loader
+from mxdit.quant.methods import DualMXLinearMethod, FP8LinearMethod, Int8LinearMethod, MXLinearMethod
+from mxdit.quant.modelslim import ModelSlimConfig, find_description_file, find_weight_files, strip_modelslim_wrappers
+from mxdit.quant.online import OnlineQuantConfig
+from mxdit.quant.registry import QUANT_METHODS, available_quant_methods, canonical_name, get_quant_config
+
+__all__ = [
+    "LinearMethod", "QuantConfig", "UnquantizedLinearMethod", "default_weight_loader", "get_weight_loader",
+    "MXLinearMethod", "DualMXLinearMethod", "FP8LinearMethod", "Int8LinearMethod",
+    "ModelSlimConfig", "OnlineQuantConfig", "find_description_file", "find_weight_files", "strip_modelslim_wrappers",
+    "QUANT_METHODS", "available_quant_methods", "canonical_name", "get_quant_config",
+]
+
+
+def quantize_module(module, method, **options):
+    """See :func:`mxdit.quant.module.quantize_module`."""
+    from mxdit.quant.module import quantize_module as _qm
+
+    return _qm(module, method, **options)

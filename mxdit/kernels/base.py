@@ -1,0 +1,165 @@
+"""The kernel interface: quantize activations and run the quantized matmul,
+one method per scheme, behind a backend chosen from the weights' device.
+
+Every backend takes the *canonical* quantized weights the quant methods hold
+(``mxdit.formats`` tensors: MXTensor, DualMXTensor; plain tensors for FP8 and
+int8), may convert them once at load into its own layout (``prepare_*``:
+transposes, NZ format, swizzled scales), and computes ``y = x W^T + b`` from a
+2-D activation ``x`` [M, K].  Bias arrives in fp32 and is added in fp32; the
+output is cast to ``out_dtype``.
+
+Backends: ``reference`` (``mxdit.formats`` numerics on any torch device — the
+oracle), ``npu`` (torch_npu ops), ``triton`` (CUDA kernels).  The reference
+backend defines the semantics; the others must match it bit-exactly for
+quantization and up to fp32 accumulation order for matmuls.
+"""
+from __future__ import annotations
+
+from abc import ABC
+from typing import Any, Optional
+
+import torch
+
+from mxdit import formats as F
+
+
+class KernelBackend(ABC):
+    """Default implementations are the reference numerics (any device)."""
+
+    name = "reference"
+
+    @classmethod
+    def is_available(cls, device: torch.device) -> bool:
+        return True
+
+    # ---- activations ------------------------------------------------------
+    def quantize_mx(self, x: torch.Tensor, fmt: str, *, scale_mode: str = "floor", round_mode: str = "rint") -> F.MXTensor:
+        return F.quantize_mx(x, fmt, scale_mode=scale_mode, round_mode=round_mode)
+
+    def quantize_mx_dual(
+        self, x: torch.Tensor, *, smooth_scale: Optional[torch.Tensor] = None, round_mode: str = "rint"
+    ) -> F.DualMXTensor:
+        return F.quantize_mx_dual(x, smooth_scale=smooth_scale, round_mode=round_mode)
+
+    # ---- weights, once at load -------------------------------------------
+    def prepare_mx_weight(self, w: F.MXTensor) -> Any:
+        return w
+
+    def prepare_dual_weight(self, w: F.DualMXTensor) -> Any:
+        return w
+
+    def prepare_fp8_weight(self, w: torch.Tensor, w_scale: torch.Tensor) -> Any:
+        return (w, w_scale)
+
+    def prepare_int8_weight(self, w: torch.Tensor) -> Any:
+        return w
+
+    # ---- matmuls ----------------------------------------------------------
+    def mx_linear(
+        self,
+        x: torch.Tensor,
+        w: Any,
+        bias: Optional[torch.Tensor],
+        *,
+        act_fmt: str,
+        scale_mode: str = "floor",
+        round_mode: str = "rint",
+        smooth_scale: Optional[torch.Tensor] = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        """MXFP8 / single-level MXFP4 (W8A8_MXFP8, W4A4_MXFP4): x [M, K] -> [M, N]."""
+        if smooth_scale is not None:
+            x = x * smooth_scale.to(x.dtype)
+        xq = self.quantize_mx(x, act_fmt, scale_mode=scale_mode, round_mode=round_mode)
+        return F.mx_matmul(xq, w, bias, out_dtype)
+
+    def dual_linear(
+        self,
+        x: torch.Tensor,
+        w: Any,
+        bias: Optional[torch.Tensor],
+        *,
+        round_mode: str = "rint",
+        smooth_scale: Optional[torch.Tensor] = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        """Dual-level MXFP4 (W4A4_MXFP4_DUALSCALE): x [M, K] -> [M, N]."""
+        xq = self.quantize_mx_dual(x, smooth_scale=smooth_scale, round_mode=round_mode)
+        return F.dual_mx_matmul(xq, w, bias, out_dtype)
+
+    def fp8_linear(
+        self, x: torch.Tensor, w: Any, bias: Optional[torch.Tensor], *, out_dtype: torch.dtype = torch.bfloat16
+    ) -> torch.Tensor:
+        """FP8 E4M3, per-output-channel weight scales, per-token dynamic activation scales."""
+        wq, w_scale = w
+        xq, x_scale = quantize_fp8_per_token(x)
+        out = (xq.to(torch.float32) @ wq.to(torch.float32).t()) * x_scale * w_scale.unsqueeze(0)
+        if bias is not None:
+            out = out + bias
+        return out.to(out_dtype)
+
+    def int8_linear(
+        self,
+        x: torch.Tensor,
+        w: Any,
+        bias: Optional[torch.Tensor],
+        *,
+        input_scale: Optional[torch.Tensor] = None,
+        input_offset: Optional[torch.Tensor] = None,
+        quant_bias: Optional[torch.Tensor] = None,
+        deq_scale: Optional[torch.Tensor] = None,
+        weight_scale: Optional[torch.Tensor] = None,
+        smooth_scale: Optional[torch.Tensor] = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        """msmodelslim W8A8 (static: input_scale/offset, quant_bias, deq_scale) or
+        W8A8_DYNAMIC (per-token int8 activations, per-channel weight_scale)."""
+        if smooth_scale is not None:
+            x = x * smooth_scale.to(x.dtype)
+        if deq_scale is not None:  # static
+            xq = quantize_int8_static(x, input_scale, input_offset)
+            acc = int8_gemm(xq, w)
+            out = (acc + quant_bias.to(torch.float64)).to(torch.float32) * deq_scale.unsqueeze(0)
+        else:
+            xq, x_scale = quantize_int8_per_token(x)
+            acc = int8_gemm(xq, w).to(torch.float32)
+            out = acc * x_scale * weight_scale.reshape(1, -1)
+        if bias is not None:
+            out = out + bias
+        return out.to(out_dtype)
+
+
+FP8_MAX = 448.0
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row E4M3: scale = max(amax, tiny) / 448 (fp32), q = rint(x / scale) saturated.
+
+    Returns (q float8_e4m3fn [M, K], scale float32 [M, 1]).  The same rule makes
+    the per-output-channel weight scales of the "fp8" method (rows of W).
+    """
+    xf = x.to(torch.float32)
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY) / FP8_MAX
+    q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def quantize_int8_static(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor) -> torch.Tensor:
+    """npu_quantize semantics: q = clamp(rint(x / input_scale + input_offset), -128, 127)."""
+    xf = x.to(torch.float32)
+    q = torch.round(xf / input_scale.to(torch.float32) + input_offset.to(torch.float32))
+    return q.clamp(-128, 127).to(torch.int8)
+
+
+def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """npu_dynamic_quant semantics: per-row scale = amax / 127, q = clamp(rint(x / scale))."""
+    xf = x.to(torch.float32)
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY) / 127.0
+    q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
+    return q, scale
+
+
+def int8_gemm(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact int8 x int8 -> int32-valued GEMM (float64 accumulation is exact here: |sum| < 2^53)."""
+    return xq.to(torch.float64) @ w.to(torch.float64).t()

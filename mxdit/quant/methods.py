@@ -1,0 +1,364 @@
+"""Linear methods: online MXFP8 / MXFP4 / dual-level MXFP4 / FP8, and the
+msmodelslim offline schemes (W8A8_MXFP8, W4A4_MXFP4, W4A4_MXFP4_DUALSCALE,
+W8A8, W8A8_DYNAMIC).
+
+Storage after ``process_weights_after_loading`` (the same names msmodelslim
+uses, so an online-quantized layer looks like a repacked pre-quantized one):
+
+=====================  =========================================================
+MX (fp8 / fp4)         weight  float8_e4m3fn [N, K]  or packed uint8 [N, K/2]
+                       weight_scale uint8 [N, K/32]  (E8M0 bytes)
+dual-level MXFP4       weight  packed uint8 [N, K/2]; weight_scale uint8 [N, K/32]
+                       (L1, E8M0); weight_dual_scale float32 [N, K/512] (L0)
+fp8 (per channel)      weight  float8_e4m3fn [N, K]; weight_scale float32 [N]
+int8 (msmodelslim)     weight  int8 [N, K] + the scheme's scales
+all                    bias float32 [N] (added in fp32); mul_scale [K] if smoothed
+=====================  =========================================================
+
+Activations are quantized per token at run time: the input is flattened to
+2-D [M, K] (as the NPU ops require), cast to bf16 unless it is bf16/fp16 (the
+NPU kernels take bf16/fp16 only; SGLang does the same), and the output comes
+back in the input's dtype with its leading shape.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mxdit import formats as F
+from mxdit.kernels import KernelBackend, quantize_fp8_per_token, select_backend
+from mxdit.quant.base import LinearMethod, set_weight_attrs
+
+_ACT_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def _empty(shape, dtype, device) -> nn.Parameter:
+    return _param(torch.empty(*shape, dtype=dtype, device=device))
+
+
+class QuantizedLinearMethod(LinearMethod):
+    """Shared machinery: fp32 bias, smoothing, kernel backend, 2-D activations."""
+
+    #: K must be a multiple of this for the scheme
+    k_multiple = 1
+
+    def __init__(self, *, act_round_mode: str = "rint", backend: Optional[str] = None, smooth_in_quant: bool = False):
+        F.elements.check_round_mode(act_round_mode)
+        self.act_round_mode = act_round_mode
+        self.backend_name = backend
+        self.smooth_in_quant = smooth_in_quant
+
+    # -- creation helpers ---------------------------------------------------
+    def check_shape(self, layer: nn.Module, in_features: int) -> None:
+        if in_features % self.k_multiple:
+            raise ValueError(
+                f"layer '{getattr(layer, 'prefix', '?')}': {self.name} needs in_features (K) to be a multiple of "
+                f"{self.k_multiple}, got {in_features}; leave the layer unquantized with ignore=['{getattr(layer, 'prefix', '?')}']"
+            )
+
+    def create_bias(self, layer, out_features, bias, device, dtype=torch.float32) -> None:
+        if bias:
+            layer.bias = _empty((out_features,), dtype, device)
+        else:
+            layer.register_parameter("bias", None)
+
+    def create_mul_scale(self, layer, in_features, device) -> None:
+        p = _empty((in_features,), torch.float32, device)
+        set_weight_attrs(p, missing_init="ones")  # a missing mul_scale means ones (no smoothing)
+        layer.mul_scale = p
+
+    # -- load-time ----------------------------------------------------------
+    def finish_common(self, layer: nn.Module) -> None:
+        if layer.bias is not None and layer.bias.dtype != torch.float32:
+            layer.bias = _param(layer.bias.data.to(torch.float32))
+        ms = getattr(layer, "mul_scale", None)
+        # decided once, here, never per forward
+        layer.use_mul_scale = ms is not None and not bool((ms.data == 1).all())
+        layer._kernel_device = None
+
+    def backend(self, layer: nn.Module) -> KernelBackend:
+        dev = layer.weight.device
+        if getattr(layer, "_kernel_device", None) != dev:
+            layer._kernel = select_backend(dev, self.backend_name)
+            layer._kernel_weight = self.prepare(layer, layer._kernel)
+            layer._kernel_device = dev
+        return layer._kernel
+
+    def prepare(self, layer: nn.Module, kernel: KernelBackend):
+        raise NotImplementedError
+
+    # -- forward ------------------------------------------------------------
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.backend(layer)
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, x.shape[-1])
+        if x2d.dtype not in _ACT_DTYPES:
+            x2d = x2d.to(torch.bfloat16)
+        smooth = layer.mul_scale if getattr(layer, "use_mul_scale", False) else None
+        out = self.forward_2d(layer, kernel, x2d, smooth, x.dtype)
+        return out.reshape(*lead, out.shape[-1])
+
+    def forward_2d(self, layer, kernel, x2d, smooth, out_dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_repr(self, layer) -> str:
+        return self.name + (", smoothed" if getattr(layer, "use_mul_scale", False) else "")
+
+
+class MXLinearMethod(QuantizedLinearMethod):
+    """W8A8 MXFP8 (fmt fp8_e4m3) or W4A4 single-level MXFP4 (fmt fp4_e2m1).
+
+    online=True: BF16 weights are loaded and quantized once at load (floor
+    scales and rint by default, as ``npu_dynamic_mx_quant``); online=False:
+    msmodelslim storage is loaded as is (FP4 weights in either container).
+    """
+
+    k_multiple = 32
+
+    def __init__(
+        self,
+        fmt: str,
+        *,
+        online: bool,
+        scale_mode: str = "floor",
+        weight_round_mode: str = "rint",
+        smoothed: bool = False,
+        **kw,
+    ):
+        super().__init__(**kw)
+        self.fmt = F.get_format(fmt).name
+        self.online = online
+        self.scale_mode = scale_mode
+        self.weight_round_mode = weight_round_mode
+        self.smoothed = smoothed
+        self.name = {"fp8_e4m3": "mxfp8", "fp4_e2m1": "mxfp4"}[self.fmt] + ("" if online else "(modelslim)")
+
+    def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
+        self.check_shape(layer, in_features)
+        if self.online:
+            layer.weight = _empty((out_features, in_features), params_dtype, device)
+            self.create_bias(layer, out_features, bias, device, params_dtype)
+        else:
+            if self.fmt == "fp8_e4m3":
+                layer.weight = _empty((out_features, in_features), torch.float8_e4m3fn, device)
+            else:
+                layer.weight = _empty((out_features, in_features // 2), torch.uint8, device)
+                set_weight_attrs(layer.weight, weight_loader=fp4_weight_loader)
+            layer.weight_scale = _empty((out_features, in_features // 32), torch.uint8, device)
+            self.create_bias(layer, out_features, bias, device)
+            if self.smoothed:
+                self.create_mul_scale(layer, in_features, device)
+
+    def process_weights_after_loading(self, layer):
+        if self.online:
+            w = layer.weight.data
+            check_finite(layer, w)
+            if w.dtype not in _ACT_DTYPES:
+                w = w.to(torch.bfloat16)
+            kernel = select_backend(w.device, self.backend_name)
+            q = kernel.quantize_mx(w, self.fmt, scale_mode=self.scale_mode, round_mode=self.weight_round_mode)
+            layer.weight = _param(q.qdata)
+            layer.weight_scale = _param(q.scale)
+        self.finish_common(layer)
+
+    def prepare(self, layer, kernel):
+        return kernel.prepare_mx_weight(F.MXTensor(layer.weight.data, layer.weight_scale.data, self.fmt, 32))
+
+    def forward_2d(self, layer, kernel, x2d, smooth, out_dtype):
+        return kernel.mx_linear(
+            x2d, layer._kernel_weight, layer.bias, act_fmt=self.fmt, scale_mode="floor",
+            round_mode=self.act_round_mode, smooth_scale=smooth, out_dtype=out_dtype,
+        )
+
+
+class DualMXLinearMethod(QuantizedLinearMethod):
+    """W4A4 dual-level MXFP4 (Ascend A5 ``npu_dual_level_quant_matmul``)."""
+
+    k_multiple = F.L0_BLOCK
+
+    def __init__(self, *, online: bool, smoothed: bool = False, **kw):
+        super().__init__(**kw)
+        self.online = online
+        self.smoothed = smoothed
+        self.name = "mxfp4_dual" + ("" if online else "(modelslim)")
+
+    def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
+        self.check_shape(layer, in_features)
+        if self.online:
+            layer.weight = _empty((out_features, in_features), params_dtype, device)
+            self.create_bias(layer, out_features, bias, device, params_dtype)
+        else:
+            layer.weight = _empty((out_features, in_features // 2), torch.uint8, device)
+            set_weight_attrs(layer.weight, weight_loader=fp4_weight_loader)
+            layer.weight_scale = _empty((out_features, in_features // 32), torch.uint8, device)
+            layer.weight_dual_scale = _empty((out_features, in_features // F.L0_BLOCK), torch.float32, device)
+            set_weight_attrs(layer.weight_dual_scale, weight_loader=dual_scale_loader)
+            self.create_bias(layer, out_features, bias, device)
+            if self.smoothed:
+                self.create_mul_scale(layer, in_features, device)
+
+    def process_weights_after_loading(self, layer):
+        if self.online:
+            w = layer.weight.data
+            check_finite(layer, w)
+            if w.dtype not in _ACT_DTYPES:
+                w = w.to(torch.bfloat16)
+            kernel = select_backend(w.device, self.backend_name)
+            q = kernel.quantize_mx_dual(w, round_mode="rint")
+            layer.weight = _param(q.qdata)
+            layer.weight_scale = _param(q.scale_l1)
+            layer.weight_dual_scale = _param(q.scale_l0)
+        self.finish_common(layer)
+
+    def prepare(self, layer, kernel):
+        w = F.DualMXTensor(layer.weight.data, layer.weight_dual_scale.data, layer.weight_scale.data)
+        return kernel.prepare_dual_weight(w)
+
+    def forward_2d(self, layer, kernel, x2d, smooth, out_dtype):
+        return kernel.dual_linear(
+            x2d, layer._kernel_weight, layer.bias, round_mode=self.act_round_mode,
+            smooth_scale=smooth, out_dtype=out_dtype,
+        )
+
+
+class FP8LinearMethod(QuantizedLinearMethod):
+    """Online FP8 E4M3: per-output-channel weight scales, per-token dynamic activation scales."""
+
+    name = "fp8"
+
+    def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
+        layer.weight = _empty((out_features, in_features), params_dtype, device)
+        self.create_bias(layer, out_features, bias, device, params_dtype)
+
+    def process_weights_after_loading(self, layer):
+        w = layer.weight.data
+        check_finite(layer, w)
+        q, s = quantize_fp8_per_token(w)
+        layer.weight = _param(q)
+        layer.weight_scale = _param(s.reshape(-1))
+        self.finish_common(layer)
+
+    def prepare(self, layer, kernel):
+        return kernel.prepare_fp8_weight(layer.weight.data, layer.weight_scale.data)
+
+    def forward_2d(self, layer, kernel, x2d, smooth, out_dtype):
+        return kernel.fp8_linear(x2d, layer._kernel_weight, layer.bias, out_dtype=out_dtype)
+
+
+class Int8LinearMethod(QuantizedLinearMethod):
+    """msmodelslim W8A8 (static) and W8A8_DYNAMIC (ascend-npu-mx.md §2.5, §3.2)."""
+
+    def __init__(self, *, dynamic: bool, smoothed: bool = False, **kw):
+        super().__init__(**kw)
+        self.dynamic = dynamic
+        self.smoothed = smoothed
+        self.name = "W8A8_DYNAMIC" if dynamic else "W8A8"
+
+    def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
+        layer.weight = _empty((out_features, in_features), torch.int8, device)
+        if self.dynamic:
+            layer.weight_scale = _empty((out_features, 1), torch.float32, device)
+            layer.weight_offset = _empty((out_features, 1), torch.float32, device)
+            set_weight_attrs(layer.weight_offset, missing_init="zeros")
+        else:
+            layer.input_scale = _empty((1,), torch.float32, device)
+            layer.input_offset = _empty((1,), torch.float32, device)
+            set_weight_attrs(layer.input_offset, weight_loader=_any_numeric_loader)
+            layer.quant_bias = _empty((out_features,), torch.int32, device)
+            layer.deq_scale = _empty((out_features,), torch.float32, device)
+            set_weight_attrs(layer.deq_scale, weight_loader=deq_scale_loader)
+        self.create_bias(layer, out_features, bias, device)
+        if self.smoothed:
+            self.create_mul_scale(layer, in_features, device)
+
+    def process_weights_after_loading(self, layer):
+        if self.dynamic and getattr(layer, "weight_offset", None) is not None:
+            if bool((layer.weight_offset.data != 0).any()):
+                raise ValueError(
+                    f"layer '{layer.prefix}': W8A8_DYNAMIC with a non-zero weight_offset (asymmetric weights) is not supported"
+                )
+        self.finish_common(layer)
+
+    def prepare(self, layer, kernel):
+        return kernel.prepare_int8_weight(layer.weight.data)
+
+    def forward_2d(self, layer, kernel, x2d, smooth, out_dtype):
+        if self.dynamic:
+            return kernel.int8_linear(
+                x2d, layer._kernel_weight, layer.bias, weight_scale=layer.weight_scale.data,
+                smooth_scale=smooth, out_dtype=out_dtype,
+            )
+        return kernel.int8_linear(
+            x2d, layer._kernel_weight, layer.bias, input_scale=layer.input_scale.data,
+            input_offset=layer.input_offset.data, quant_bias=layer.quant_bias.data,
+            deq_scale=layer.deq_scale.data, smooth_scale=smooth, out_dtype=out_dtype,
+        )
+
+
+# ---- weight loaders: checkpoint tensor -> parameter storage ------------------
+
+def check_finite(layer: nn.Module, w: torch.Tensor) -> None:
+    if w.is_floating_point():
+        bad = ~torch.isfinite(w)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"layer '{getattr(layer, 'prefix', '?')}': weight has {int(bad.sum())} non-finite values "
+                f"(first at {idx}: {float(w[idx])}); online quantization needs finite weights"
+            )
+
+
+def _shape_error(name, got, want):
+    return ValueError(f"tensor '{name}': shape {tuple(got)} does not match the expected {tuple(want)}")
+
+
+def fp4_weight_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
+    """FP4 weights in either msmodelslim container: packed uint8 [N, K/2] (since
+    msmodelslim 4557940) or float8_e4m3fn values [N, K] (<= 26.0.0); both become packed."""
+    n, kh = param.shape
+    if t.dtype == torch.uint8:
+        if tuple(t.shape) != (n, kh):
+            raise _shape_error(name, t.shape, (n, kh))
+        return t
+    if t.dtype == torch.float8_e4m3fn:
+        if tuple(t.shape) != (n, 2 * kh):
+            raise _shape_error(name, t.shape, (n, 2 * kh))
+        return F.fp8_container_to_fp4(t, name=name)
+    raise ValueError(
+        f"tensor '{name}': an FP4 weight must be packed uint8 [N, K/2] or float8_e4m3fn values [N, K], got {t.dtype}"
+    )
+
+
+def dual_scale_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
+    """weight_dual_scale: msmodelslim stores float32 [N, K/512, 1]; [N, K/512] is accepted too."""
+    if t.dim() == 3 and t.shape[-1] == 1:
+        t = t.squeeze(-1)
+    if tuple(t.shape) != tuple(param.shape):
+        raise _shape_error(name, t.shape, (*param.shape, 1))
+    if not t.is_floating_point():
+        raise ValueError(f"tensor '{name}': weight_dual_scale must be float32, got {t.dtype}")
+    return t.to(torch.float32)
+
+
+def deq_scale_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
+    """deq_scale: float32, or (ascendv1, fp16 models) float32 bits held in int64 / int32."""
+    t = t.reshape(-1) if t.dim() == 2 and 1 in t.shape else t
+    if tuple(t.shape) != tuple(param.shape):
+        raise _shape_error(name, t.shape, param.shape)
+    if t.dtype in (torch.int64, torch.int32):
+        return t.to(torch.int32).view(torch.float32)  # low 32 bits are the float32 pattern
+    if not t.is_floating_point():
+        raise ValueError(f"tensor '{name}': deq_scale must be float32 or int64 holding float32 bits, got {t.dtype}")
+    return t.to(torch.float32)
+
+
+def _any_numeric_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
+    if t.numel() != param.numel():
+        raise _shape_error(name, t.shape, param.shape)
+    return t.reshape(param.shape).to(param.dtype)

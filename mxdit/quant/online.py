@@ -1,0 +1,62 @@
+"""Online quantization configs: BF16 checkpoints quantized at load."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Optional, Sequence
+
+from mxdit.quant.base import LinearMethod, QuantConfig
+from mxdit.quant.methods import DualMXLinearMethod, FP8LinearMethod, MXLinearMethod
+
+
+class OnlineQuantConfig(QuantConfig):
+    """One online method for every selected layer.
+
+    Args:
+        method: "mxfp8", "mxfp4", "mxfp4_dual" or "fp8".
+        include: glob patterns on layer prefixes to quantize (None: every layer).
+        ignore: glob patterns on layer prefixes to leave unquantized (wins over include).
+        act_round_mode: activation element rounding, "rint" (default) or "round" (vllm-ascend).
+        scale_mode: weight scale rule for mxfp8 / mxfp4, "floor" (OCP, as the NPU's
+            npu_dynamic_mx_quant) or "rceil".  Activations always use "floor", the
+            NPU op's rule.
+        backend: kernel backend override ("reference", "npu", "triton").
+    """
+
+    METHODS = ("mxfp8", "mxfp4", "mxfp4_dual", "fp8")
+
+    def __init__(
+        self,
+        method: str,
+        *,
+        include: Optional[Sequence[str]] = None,
+        ignore: Sequence[str] = (),
+        act_round_mode: str = "rint",
+        scale_mode: str = "floor",
+        backend: Optional[str] = None,
+    ):
+        if method not in self.METHODS:
+            raise ValueError(f"unknown online method {method!r}; valid: {list(self.METHODS)}")
+        self.name = method
+        self.include = None if include is None else tuple(include)
+        self.ignore = tuple(ignore)
+        kw = dict(act_round_mode=act_round_mode, backend=backend)
+        if method == "mxfp8":
+            self.method: LinearMethod = MXLinearMethod("fp8_e4m3", online=True, scale_mode=scale_mode, **kw)
+        elif method == "mxfp4":
+            self.method = MXLinearMethod("fp4_e2m1", online=True, scale_mode=scale_mode, **kw)
+        elif method == "mxfp4_dual":
+            self.method = DualMXLinearMethod(online=True, **kw)
+        else:
+            self.method = FP8LinearMethod(**kw)
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def selects(self, prefix: str) -> bool:
+        if any(fnmatch.fnmatchcase(prefix, p) for p in self.ignore):
+            return False
+        return self.include is None or any(fnmatch.fnmatchcase(prefix, p) for p in self.include)
+
+    def get_quant_method(self, layer, prefix: str) -> Optional[LinearMethod]:
+        return self.method if self.selects(prefix) else None

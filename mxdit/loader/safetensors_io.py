@@ -191,3 +191,42 @@ def resolve_weight_files(directory: str, stem: str) -> Optional[list[str]]:
 
     shards = sorted(glob.glob(os.path.join(directory, f"{stem}-*-of-*.safetensors")))
     return shards or None
+
+
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def write_safetensors(path: str, entries, metadata: Optional[dict[str, str]] = None) -> None:
+    """Write a safetensors file tensor by tensor (peak memory: one tensor).
+
+    ``entries``: a sequence of ``(name, dtype, shape, produce)`` where
+    ``produce()`` returns the tensor (called once, in order).  Shapes and dtypes
+    are needed up front for the header; a produced tensor that disagrees is an
+    error.  The layout matches ``safetensors.torch.save_file`` (8-byte header
+    length, JSON header padded with spaces to 8 bytes, data in header order).
+    """
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, dtype, shape, _ in entries:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        size = n * dtype.itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": [int(s) for s in shape], "data_offsets": [offset, offset + size]}
+        offset += size
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for name, dtype, shape, produce in entries:
+            t = produce()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise SafetensorsError(
+                    f"writing '{path}': tensor '{name}' is {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}"
+                )
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())

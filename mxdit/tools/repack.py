@@ -1,0 +1,134 @@
+"""``mxdit repack``: an msmodelslim export + the diffusers model directory -> a
+diffusers-layout model directory that ``mxdit generate`` reads as it is.
+
+SGLang's ``wan_repack`` (../shared/reference/sglang-diffusion-mx.md §8), without
+its traps: names go through the loader's one mapping (msmodelslim wrappers
+``.linear.``/``.div.`` stripped as whole components, original Wan -> diffusers
+names by exact table), shards are merged by a streaming writer (one tensor in
+memory at a time), inputs are never modified, the output is built in a
+temporary directory and renamed at the end, an existing output is refused
+unless ``--overwrite``, and every input tensor is checked to appear in the
+output exactly once.
+
+Layout: ``high_noise_model`` -> ``transformer`` and ``low_noise_model`` ->
+``transformer_2`` for the A14B models; TI2V-5B's export is the quant path itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+from mxdit.loader.checkpoint import model_name
+from mxdit.loader.safetensors_io import CheckpointFiles, SafetensorsFile, write_safetensors
+from mxdit.models.wan.config import MODEL_FACTS
+from mxdit.models.wan.names import is_original_layout
+from mxdit.quant.modelslim import HEADER_KEYS, find_description_file, find_weight_files, load_description, strip_modelslim_wrappers
+from mxdit.tools.fsutil import atomic_output_dir
+
+MODEL_TYPES = ("Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B", "Wan2.2-TI2V-5B")
+EXPERT_SUBDIRS = {"transformer": "high_noise_model", "transformer_2": "low_noise_model"}
+
+
+def transformer_dirs(model_type: str) -> list[str]:
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unsupported model type {model_type!r}; supported: {list(MODEL_TYPES)}")
+    return ["transformer", "transformer_2"] if MODEL_FACTS[model_type].two_experts else ["transformer"]
+
+
+def quant_subpath(quant_path: str, tdir: str, model_type: str) -> str:
+    return os.path.join(quant_path, EXPERT_SUBDIRS[tdir]) if len(transformer_dirs(model_type)) == 2 else quant_path
+
+
+def _repack_one(src: str, orig_tdir: str, out_tdir: str) -> int:
+    desc_path = find_description_file(src)
+    desc = load_description(desc_path)
+    files = CheckpointFiles(find_weight_files(src))
+    try:
+        keys = files.keys()
+        original = is_original_layout(strip_modelslim_wrappers(k) for k in keys)
+        renamed: dict[str, str] = {}
+        for k in keys:
+            new = model_name(k, original)
+            if new in renamed:
+                raise ValueError(f"'{src}': tensors '{renamed[new]}' and '{k}' both map to '{new}'")
+            renamed[new] = k
+        new_desc: dict = {}
+        for k, v in desc.items():
+            if k in HEADER_KEYS or not isinstance(v, str):
+                new_desc[k] = v
+            else:
+                new_desc[model_name(k, original)] = v
+        missing = sorted(n for n in renamed if n not in new_desc)
+        if missing:
+            raise ValueError(f"'{desc_path}' has no label for tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        ghosts = sorted(k for k, v in desc.items() if isinstance(v, str) and k not in HEADER_KEYS and model_name(k, original) not in renamed)
+        if ghosts:
+            raise ValueError(
+                f"'{desc_path}' names tensors that are not in the weight files: {ghosts[:10]}{' ...' if len(ghosts) > 10 else ''}"
+            )
+        os.makedirs(out_tdir)
+        out_file = os.path.join(out_tdir, "diffusion_pytorch_model.safetensors")
+        entries = [
+            (new, files.info(old).dtype, files.info(old).shape, (lambda old=old: files.read(old)))
+            for new, old in sorted(renamed.items())
+        ]
+        write_safetensors(out_file, entries, metadata={"format": "pt", "source": "mxdit repack"})
+        with open(os.path.join(out_tdir, "quant_model_description.json"), "w") as f:
+            json.dump(new_desc, f, indent=2)
+        shutil.copy2(os.path.join(orig_tdir, "config.json"), os.path.join(out_tdir, "config.json"))
+    finally:
+        files.close()
+    # every input tensor exactly once in the output
+    written = SafetensorsFile(out_file).keys()
+    if sorted(written) != sorted(renamed) or len(written) != len(keys):
+        raise RuntimeError(f"repack of '{src}': the output does not hold every input tensor exactly once")
+    return len(keys)
+
+
+def repack(model_type: str, original_model_path: str, quant_path: str, output_path: str, *, overwrite: bool = False) -> dict[str, int]:
+    """Build the repacked model directory; returns tensors written per transformer dir."""
+    tdirs = transformer_dirs(model_type)
+    for p, what in ((original_model_path, "--original-model-path"), (quant_path, "--quant-path")):
+        if not os.path.isdir(p):
+            raise FileNotFoundError(f"{what} '{p}' is not a directory")
+    for t in tdirs:
+        if not os.path.isfile(os.path.join(original_model_path, t, "config.json")):
+            raise FileNotFoundError(f"'{original_model_path}' has no {t}/config.json (a diffusers {model_type} directory is expected)")
+        find_description_file(quant_subpath(quant_path, t, model_type))
+    out_abs, inputs = os.path.abspath(output_path), [os.path.abspath(original_model_path), os.path.abspath(quant_path)]
+    if any(out_abs == i or out_abs.startswith(i + os.sep) or i.startswith(out_abs + os.sep) for i in inputs):
+        raise ValueError(f"--output-path '{output_path}' must not be inside (or contain) an input directory")
+    counts: dict[str, int] = {}
+    with atomic_output_dir(output_path, overwrite=overwrite) as tmp:
+        for entry in sorted(os.listdir(original_model_path)):
+            if entry in tdirs:
+                continue
+            src = os.path.join(original_model_path, entry)
+            dst = os.path.join(tmp, entry)
+            (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
+        for t in tdirs:
+            counts[t] = _repack_one(quant_subpath(quant_path, t, model_type), os.path.join(original_model_path, t), os.path.join(tmp, t))
+    return counts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-type", required=True, help=f"one of {', '.join(MODEL_TYPES)}")
+    parser.add_argument("--original-model-path", required=True, help="the BF16 diffusers model directory")
+    parser.add_argument("--quant-path", required=True, help="the msmodelslim export (high_noise_model/ and low_noise_model/ for A14B)")
+    parser.add_argument("--output-path", required=True, help="where the repacked diffusers-layout directory is written")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mxdit.cli import UsageError
+
+    try:
+        counts = repack(args.model_type, args.original_model_path, args.quant_path, args.output_path, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise UsageError(str(e)) from None
+    for t, n in counts.items():
+        print(f"{t}: {n} tensors")
+    print(f"wrote {args.output_path}")
+    return 0

@@ -82,8 +82,14 @@ class KernelBackend(ABC):
         round_mode: str = "rint",
         smooth_scale: Optional[torch.Tensor] = None,
         out_dtype: torch.dtype = torch.bfloat16,
+        smooth_in_quant: bool = False,
     ) -> torch.Tensor:
-        """Dual-level MXFP4 (W4A4_MXFP4_DUALSCALE): x [M, K] -> [M, N]."""
+        """Dual-level MXFP4 (W4A4_MXFP4_DUALSCALE): x [M, K] -> [M, N].
+
+        ``smooth_in_quant``: where the quant op can apply ``smooth_scale`` itself
+        (torch_npu ``smooth_scale=``, MindIE-SD), do so instead of multiplying
+        first (SGLang); numerically identical, so the reference ignores it.
+        """
         xq = self.quantize_mx_dual(x, smooth_scale=smooth_scale, round_mode=round_mode)
         return F.dual_mx_matmul(xq, w, bias, out_dtype)
 

@@ -223,7 +223,7 @@ class DualMXLinearMethod(QuantizedLinearMethod):
     def forward_2d(self, layer, kernel, x2d, smooth, out_dtype):
         return kernel.dual_linear(
             x2d, layer._kernel_weight, layer.bias, round_mode=self.act_round_mode,
-            smooth_scale=smooth, out_dtype=out_dtype,
+            smooth_scale=smooth, out_dtype=out_dtype, smooth_in_quant=self.smooth_in_quant,
         )
 
 
@@ -252,7 +252,12 @@ class FP8LinearMethod(QuantizedLinearMethod):
 
 
 class Int8LinearMethod(QuantizedLinearMethod):
-    """msmodelslim W8A8 (static) and W8A8_DYNAMIC (ascend-npu-mx.md §2.5, §3.2)."""
+    """msmodelslim W8A8 (static) and W8A8_DYNAMIC (ascend-npu-mx.md §2.5, §3.2).
+
+    Static: y = (x_q W_q^T + quant_bias) * deq_scale, with the float bias already
+    folded into quant_bias by msmodelslim (the stored bias tensor is loaded and
+    not added).  Dynamic: y = (x_q W_q^T) * x_scale * weight_scale + bias.
+    """
 
     def __init__(self, *, dynamic: bool, smoothed: bool = False, **kw):
         super().__init__(**kw)
@@ -294,8 +299,10 @@ class Int8LinearMethod(QuantizedLinearMethod):
                 x2d, layer._kernel_weight, layer.bias, weight_scale=layer.weight_scale.data,
                 smooth_scale=smooth, out_dtype=out_dtype,
             )
+        # msmodelslim folds the float bias into quant_bias (quant_bias = round(bias / deq_scale
+        # - sum_k W_q * input_offset)); the stored FLOAT bias is not added again (as vllm-ascend).
         return kernel.int8_linear(
-            x2d, layer._kernel_weight, layer.bias, input_scale=layer.input_scale.data,
+            x2d, layer._kernel_weight, None, input_scale=layer.input_scale.data,
             input_offset=layer.input_offset.data, quant_bias=layer.quant_bias.data,
             deq_scale=layer.deq_scale.data, smooth_scale=smooth, out_dtype=out_dtype,
         )

@@ -163,7 +163,7 @@ def _encode_f32(y: torch.Tensor, f: ElementFormat, round_mode: str) -> torch.Ten
         # cast does not saturate) and Inf saturate as the spec says.
         return y.clamp(-f.max_value, f.max_value).to(f.torch_dtype).view(torch.uint8)
     bounds = _boundaries(f.name, round_mode, y.device)
-    mag = torch.bucketize(y.abs(), bounds, out_int32=True).to(torch.uint8)
+    mag = torch.bucketize(y.abs().contiguous(), bounds, out_int32=True).to(torch.uint8)
     codes = mag | (torch.signbit(y).to(torch.uint8) << (f.bits - 1))
     if f.nan_code is not None:
         codes = torch.where(torch.isnan(y), torch.tensor(f.nan_code, dtype=torch.uint8, device=y.device), codes)

@@ -53,6 +53,17 @@ def model_name(checkpoint_name: str, original: bool) -> str:
     return original_to_diffusers(name) if original else name
 
 
+def model_name_map(keys, original: bool, where: str) -> dict[str, str]:
+    """``{model name: checkpoint name}`` for all ``keys``; two keys mapping to one name is an error."""
+    names: dict[str, str] = {}
+    for k in keys:
+        m = model_name(k, original)
+        if m in names:
+            raise ValueError(f"'{where}': checkpoint tensors '{names[m]}' and '{k}' both map to '{m}'")
+        names[m] = k
+    return names
+
+
 @dataclass
 class TransformerCheckpoint:
     directory: str
@@ -160,12 +171,7 @@ def open_checkpoint(path: str, *, config: Optional[WanTransformerConfig | dict] 
     if glob.glob(os.path.join(path, DESCRIPTION_FILE)) or glob.glob(os.path.join(path, DESCRIPTION_GLOB)):
         desc_path = find_description_file(path)
     layout = "modelslim" if is_ms else ("repacked" if desc_path else ("original" if original else "diffusers"))
-    names: dict[str, str] = {}
-    for k in keys:
-        m = model_name(k, original)
-        if m in names:
-            raise ValueError(f"'{path}': checkpoint tensors '{names[m]}' and '{k}' both map to '{m}'")
-        names[m] = k
+    names = model_name_map(keys, original, path)
     if config is None:
         cfg_path = os.path.join(path, "config.json")
         if os.path.isfile(cfg_path):

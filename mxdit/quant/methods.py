@@ -82,6 +82,27 @@ class QuantizedLinearMethod(LinearMethod):
         layer.use_mul_scale = ms is not None and not bool((ms.data == 1).all())
         layer._kernel_device = None
 
+    def create_online_weights(self, layer, in_features, out_features, bias, params_dtype, device) -> None:
+        """Online methods load the checkpoint's float weight as it is."""
+        layer.weight = _empty((out_features, in_features), params_dtype, device)
+        self.create_bias(layer, out_features, bias, device, params_dtype)
+
+    def create_fp4_storage(self, layer, in_features, out_features, bias, device) -> None:
+        """msmodelslim FP4 storage: packed weight (either container accepted), e8m0 scales per 32."""
+        layer.weight = _empty((out_features, in_features // 2), torch.uint8, device)
+        set_weight_attrs(layer.weight, weight_loader=fp4_weight_loader)
+        layer.weight_scale = _empty((out_features, in_features // 32), torch.uint8, device)
+        self.create_bias(layer, out_features, bias, device)
+
+    def weight_to_quantize(self, layer: nn.Module) -> tuple[torch.Tensor, KernelBackend]:
+        """The loaded float weight, checked finite and in bf16/fp16 (what the NPU quant ops take,
+        as SGLang casts), and the backend that quantizes it on its device."""
+        w = layer.weight.data
+        check_finite(layer, w)
+        if w.dtype not in _ACT_DTYPES:
+            w = w.to(torch.bfloat16)
+        return w, select_backend(w.device, self.backend_name)
+
     def backend(self, layer: nn.Module) -> KernelBackend:
         dev = layer.weight.device
         if getattr(layer, "_kernel_device", None) != dev:
@@ -142,26 +163,20 @@ class MXLinearMethod(QuantizedLinearMethod):
     def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
         self.check_shape(layer, in_features)
         if self.online:
-            layer.weight = _empty((out_features, in_features), params_dtype, device)
-            self.create_bias(layer, out_features, bias, device, params_dtype)
-        else:
-            if self.fmt == "fp8_e4m3":
-                layer.weight = _empty((out_features, in_features), torch.float8_e4m3fn, device)
-            else:
-                layer.weight = _empty((out_features, in_features // 2), torch.uint8, device)
-                set_weight_attrs(layer.weight, weight_loader=fp4_weight_loader)
+            self.create_online_weights(layer, in_features, out_features, bias, params_dtype, device)
+            return
+        if self.fmt == "fp8_e4m3":
+            layer.weight = _empty((out_features, in_features), torch.float8_e4m3fn, device)
             layer.weight_scale = _empty((out_features, in_features // 32), torch.uint8, device)
             self.create_bias(layer, out_features, bias, device)
-            if self.smoothed:
-                self.create_mul_scale(layer, in_features, device)
+        else:
+            self.create_fp4_storage(layer, in_features, out_features, bias, device)
+        if self.smoothed:
+            self.create_mul_scale(layer, in_features, device)
 
     def process_weights_after_loading(self, layer):
         if self.online:
-            w = layer.weight.data
-            check_finite(layer, w)
-            if w.dtype not in _ACT_DTYPES:
-                w = w.to(torch.bfloat16)
-            kernel = select_backend(w.device, self.backend_name)
+            w, kernel = self.weight_to_quantize(layer)
             q = kernel.quantize_mx(w, self.fmt, scale_mode=self.scale_mode, round_mode=self.weight_round_mode)
             layer.weight = _param(q.qdata)
             layer.weight_scale = _param(q.scale)
@@ -191,25 +206,18 @@ class DualMXLinearMethod(QuantizedLinearMethod):
     def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
         self.check_shape(layer, in_features)
         if self.online:
-            layer.weight = _empty((out_features, in_features), params_dtype, device)
-            self.create_bias(layer, out_features, bias, device, params_dtype)
-        else:
-            layer.weight = _empty((out_features, in_features // 2), torch.uint8, device)
-            set_weight_attrs(layer.weight, weight_loader=fp4_weight_loader)
-            layer.weight_scale = _empty((out_features, in_features // 32), torch.uint8, device)
-            layer.weight_dual_scale = _empty((out_features, in_features // F.L0_BLOCK), torch.float32, device)
-            set_weight_attrs(layer.weight_dual_scale, weight_loader=dual_scale_loader)
-            self.create_bias(layer, out_features, bias, device)
-            if self.smoothed:
-                self.create_mul_scale(layer, in_features, device)
+            self.create_online_weights(layer, in_features, out_features, bias, params_dtype, device)
+            return
+        self.create_fp4_storage(layer, in_features, out_features, bias, device)
+        # required: no missing_init, so a checkpoint without it is reported as missing
+        layer.weight_dual_scale = _empty((out_features, in_features // F.L0_BLOCK), torch.float32, device)
+        set_weight_attrs(layer.weight_dual_scale, weight_loader=dual_scale_loader)
+        if self.smoothed:
+            self.create_mul_scale(layer, in_features, device)
 
     def process_weights_after_loading(self, layer):
         if self.online:
-            w = layer.weight.data
-            check_finite(layer, w)
-            if w.dtype not in _ACT_DTYPES:
-                w = w.to(torch.bfloat16)
-            kernel = select_backend(w.device, self.backend_name)
+            w, kernel = self.weight_to_quantize(layer)
             q = kernel.quantize_mx_dual(w, round_mode="rint")
             layer.weight = _param(q.qdata)
             layer.weight_scale = _param(q.scale_l1)
@@ -233,8 +241,7 @@ class FP8LinearMethod(QuantizedLinearMethod):
     name = "fp8"
 
     def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
-        layer.weight = _empty((out_features, in_features), params_dtype, device)
-        self.create_bias(layer, out_features, bias, device, params_dtype)
+        self.create_online_weights(layer, in_features, out_features, bias, params_dtype, device)
 
     def process_weights_after_loading(self, layer):
         w = layer.weight.data
@@ -344,10 +351,11 @@ def fp4_weight_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") 
 
 def dual_scale_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
     """weight_dual_scale: msmodelslim stores float32 [N, K/512, 1]; [N, K/512] is accepted too."""
+    given = t.shape
     if t.dim() == 3 and t.shape[-1] == 1:
         t = t.squeeze(-1)
     if tuple(t.shape) != tuple(param.shape):
-        raise _shape_error(name, t.shape, (*param.shape, 1))
+        raise _shape_error(name, given, (*param.shape, 1))
     if not t.is_floating_point():
         raise ValueError(f"tensor '{name}': weight_dual_scale must be float32, got {t.dtype}")
     return t.to(torch.float32)

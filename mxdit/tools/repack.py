@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 
-from mxdit.loader.checkpoint import model_name
+from mxdit.loader.checkpoint import model_name, model_name_map
 from mxdit.loader.safetensors_io import CheckpointFiles, SafetensorsFile, write_safetensors
 from mxdit.models.wan.config import MODEL_FACTS
 from mxdit.models.wan.names import is_original_layout
@@ -48,12 +48,7 @@ def _repack_one(src: str, orig_tdir: str, out_tdir: str) -> int:
     try:
         keys = files.keys()
         original = is_original_layout(strip_modelslim_wrappers(k) for k in keys)
-        renamed: dict[str, str] = {}
-        for k in keys:
-            new = model_name(k, original)
-            if new in renamed:
-                raise ValueError(f"'{src}': tensors '{renamed[new]}' and '{k}' both map to '{new}'")
-            renamed[new] = k
+        renamed = model_name_map(keys, original, src)
         new_desc: dict = {}
         for k, v in desc.items():
             if k in HEADER_KEYS or not isinstance(v, str):

@@ -25,7 +25,7 @@ DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "F8_E8M0": torch.float8_e8m0fnu,
 }
 _PAGE = mmap.PAGESIZE
 
@@ -218,15 +218,23 @@ def write_safetensors(path: str, entries, metadata: Optional[dict[str, str]] = N
         offset += size
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for name, dtype, shape, produce in entries:
-            t = produce()
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise SafetensorsError(
-                    f"writing '{path}': tensor '{name}' is {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}"
-                )
-            t = t.detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    tmp = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(hb)))
+            f.write(hb)
+            for name, dtype, shape, produce in entries:
+                t = produce()
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise SafetensorsError(
+                        f"writing '{path}': tensor '{name}' is {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}"
+                    )
+                t = t.detach().to("cpu").contiguous()
+                if t.numel():
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no extra copy
+                del t
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -128,7 +128,7 @@ class ModelSlimConfig(QuantConfig):
                 raise ValueError(f"{source}: '{key}' and '{self.original_names[name]}' both map to '{name}'")
             self.labels[name] = label
             self.original_names[name] = key
-            if key.endswith(".div.mul_scale"):
+            if name.endswith(".mul_scale"):  # <p>.div.mul_scale (export) or <p>.mul_scale (repacked)
                 self.smoothed.add(name[: -len(".mul_scale")])
 
     @classmethod

@@ -36,6 +36,8 @@ class OnlineQuantConfig(QuantConfig):
     ):
         if method not in self.METHODS:
             raise ValueError(f"unknown online method {method!r}; valid: {list(self.METHODS)}")
+        if method == "fp8" and act_round_mode != "rint":
+            raise ValueError("the fp8 method rounds activations half to even (torch's cast); act_round_mode must be 'rint'")
         self.name = method
         self.include = None if include is None else tuple(include)
         self.ignore = tuple(ignore)

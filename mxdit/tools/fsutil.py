@@ -19,6 +19,11 @@ def atomic_output_dir(path: str, *, overwrite: bool = False) -> Iterator[str]:
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"output '{path}' already exists; pass --overwrite to replace it")
     parent = os.path.dirname(path)
+    created = []  # parent directories this call creates, removed again on failure
+    d = parent
+    while not os.path.exists(d):
+        created.append(d)
+        d = os.path.dirname(d)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
@@ -32,4 +37,9 @@ def atomic_output_dir(path: str, *, overwrite: bool = False) -> Iterator[str]:
             os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for d in created:  # deepest first
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
         raise

@@ -41,45 +41,58 @@ def quant_subpath(quant_path: str, tdir: str, model_type: str) -> str:
     return os.path.join(quant_path, EXPERT_SUBDIRS[tdir]) if len(transformer_dirs(model_type)) == 2 else quant_path
 
 
-def _repack_one(src: str, orig_tdir: str, out_tdir: str) -> int:
-    desc_path = find_description_file(src)
-    desc = load_description(desc_path)
-    files = CheckpointFiles(find_weight_files(src))
-    try:
-        keys = files.keys()
-        original = is_original_layout(strip_modelslim_wrappers(k) for k in keys)
-        renamed = model_name_map(keys, original, src)
-        new_desc: dict = {}
-        for k, v in desc.items():
-            if k in HEADER_KEYS or not isinstance(v, str):
-                new_desc[k] = v
-            else:
-                new_desc[model_name(k, original)] = v
-        missing = sorted(n for n in renamed if n not in new_desc)
-        if missing:
-            raise ValueError(f"'{desc_path}' has no label for tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        ghosts = sorted(k for k, v in desc.items() if isinstance(v, str) and k not in HEADER_KEYS and model_name(k, original) not in renamed)
-        if ghosts:
-            raise ValueError(
-                f"'{desc_path}' names tensors that are not in the weight files: {ghosts[:10]}{' ...' if len(ghosts) > 10 else ''}"
-            )
+class _Plan:
+    """One transformer directory's repack, validated from headers before anything is written."""
+
+    def __init__(self, src: str, orig_tdir: str):
+        self.src, self.orig_tdir = src, orig_tdir
+        self.desc_path = find_description_file(src)
+        desc = load_description(self.desc_path)
+        self.files = CheckpointFiles(find_weight_files(src))
+        try:
+            keys = self.files.keys()
+            original = is_original_layout(strip_modelslim_wrappers(k) for k in keys)
+            self.renamed = model_name_map(keys, original, src)
+            self.n_inputs = len(keys)
+            self.desc: dict = {}
+            for k, v in desc.items():
+                if k in HEADER_KEYS or not isinstance(v, str):
+                    self.desc[k] = v
+                else:
+                    self.desc[model_name(k, original)] = v
+            missing = sorted(n for n in self.renamed if n not in self.desc)
+            if missing:
+                raise ValueError(f"'{self.desc_path}' has no label for tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+            ghosts = sorted(k for k, v in desc.items() if isinstance(v, str) and k not in HEADER_KEYS
+                            and model_name(k, original) not in self.renamed)
+            if ghosts:
+                raise ValueError(
+                    f"'{self.desc_path}' names tensors that are not in the weight files: {ghosts[:10]}{' ...' if len(ghosts) > 10 else ''}"
+                )
+        except BaseException:
+            self.files.close()
+            raise
+
+    def write(self, out_tdir: str) -> int:
         os.makedirs(out_tdir)
         out_file = os.path.join(out_tdir, "diffusion_pytorch_model.safetensors")
-        entries = [
-            (new, files.info(old).dtype, files.info(old).shape, (lambda old=old: files.read(old)))
-            for new, old in sorted(renamed.items())
-        ]
-        write_safetensors(out_file, entries, metadata={"format": "pt", "source": "mxdit repack"})
+        files = self.files
+        try:
+            entries = [
+                (new, files.info(old).dtype, files.info(old).shape, (lambda old=old: files.read(old)))
+                for new, old in sorted(self.renamed.items())
+            ]
+            write_safetensors(out_file, entries, metadata={"format": "pt", "source": "mxdit repack"})
+        finally:
+            files.close()
         with open(os.path.join(out_tdir, "quant_model_description.json"), "w") as f:
-            json.dump(new_desc, f, indent=2)
-        shutil.copy2(os.path.join(orig_tdir, "config.json"), os.path.join(out_tdir, "config.json"))
-    finally:
-        files.close()
-    # every input tensor exactly once in the output
-    written = SafetensorsFile(out_file).keys()
-    if sorted(written) != sorted(renamed) or len(written) != len(keys):
-        raise RuntimeError(f"repack of '{src}': the output does not hold every input tensor exactly once")
-    return len(keys)
+            json.dump(self.desc, f, indent=2)
+        shutil.copy2(os.path.join(self.orig_tdir, "config.json"), os.path.join(out_tdir, "config.json"))
+        # every input tensor exactly once in the output
+        written = SafetensorsFile(out_file).keys()
+        if sorted(written) != sorted(self.renamed) or len(written) != self.n_inputs:
+            raise RuntimeError(f"repack of '{self.src}': the output does not hold every input tensor exactly once")
+        return self.n_inputs
 
 
 def repack(model_type: str, original_model_path: str, quant_path: str, output_path: str, *, overwrite: bool = False) -> dict[str, int]:
@@ -95,17 +108,26 @@ def repack(model_type: str, original_model_path: str, quant_path: str, output_pa
     out_abs, inputs = os.path.abspath(output_path), [os.path.abspath(original_model_path), os.path.abspath(quant_path)]
     if any(out_abs == i or out_abs.startswith(i + os.sep) or i.startswith(out_abs + os.sep) for i in inputs):
         raise ValueError(f"--output-path '{output_path}' must not be inside (or contain) an input directory")
-    counts: dict[str, int] = {}
-    with atomic_output_dir(output_path, overwrite=overwrite) as tmp:
-        for entry in sorted(os.listdir(original_model_path)):
-            if entry in tdirs:
-                continue
-            src = os.path.join(original_model_path, entry)
-            dst = os.path.join(tmp, entry)
-            (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
-        for t in tdirs:
-            counts[t] = _repack_one(quant_subpath(quant_path, t, model_type), os.path.join(original_model_path, t), os.path.join(tmp, t))
-    return counts
+    if os.path.exists(output_path) and not overwrite:
+        raise FileExistsError(f"output '{os.path.abspath(output_path)}' already exists; pass --overwrite to replace it")
+    plans: dict[str, _Plan] = {}
+    try:
+        for t in tdirs:  # validate every export before copying anything (the text encoder alone is ~11 GB)
+            plans[t] = _Plan(quant_subpath(quant_path, t, model_type), os.path.join(original_model_path, t))
+        counts: dict[str, int] = {}
+        with atomic_output_dir(output_path, overwrite=overwrite) as tmp:
+            for entry in sorted(os.listdir(original_model_path)):
+                if entry in tdirs:
+                    continue
+                src = os.path.join(original_model_path, entry)
+                dst = os.path.join(tmp, entry)
+                (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
+            for t in tdirs:
+                counts[t] = plans[t].write(os.path.join(tmp, t))
+        return counts
+    finally:
+        for pl in plans.values():
+            pl.files.close()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 
 from mxdit.formats.e8m0 import NAN_BYTE, e8m0_reciprocal, e8m0_to_float
-from mxdit.formats.elements import FP4_E2M1, check_round_mode, decode_elements, encode_elements
+from mxdit.formats.elements import FP4_E2M1, check_round_mode, decode_fp4_packed, encode_elements
 from mxdit.formats.packing import pack_fp4, unpack_fp4
 
 L0_BLOCK = 512
@@ -60,7 +60,7 @@ class DualMXTensor:
 
     def dequantize_l1(self) -> torch.Tensor:
         """fp4 * 2^(L1-127) in fp32 [..., K] (exact), without the L0 factor."""
-        v = decode_elements(self.codes(), FP4_E2M1)
+        v = decode_fp4_packed(self.qdata)
         k = v.shape[-1]
         v = v.reshape(*v.shape[:-1], k // L1_BLOCK, L1_BLOCK) * e8m0_to_float(self.scale_l1).unsqueeze(-1)
         return v.reshape(*v.shape[:-2], k)

@@ -177,4 +177,20 @@ def decode_elements(codes: torch.Tensor, fmt: "str | ElementFormat") -> torch.Te
         raise TypeError(f"decode_elements expects uint8 codes, got {codes.dtype}")
     if f.torch_dtype is not None:
         return codes.view(f.torch_dtype).to(torch.float32)
-    return _decode_lut(f.name, codes.device)[codes.long()]
+    idx = codes.reshape(-1).to(torch.int32)
+    return _decode_lut(f.name, codes.device).index_select(0, idx).reshape(codes.shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp4_pair_lut(device: torch.device) -> torch.Tensor:
+    lut = _decode_lut(FP4_E2M1.name, torch.device("cpu"))
+    b = torch.arange(256)
+    return torch.stack((lut[b & 0xF], lut[b >> 4]), dim=-1).to(device)  # [256, 2]: (low, high) nibble
+
+
+def decode_fp4_packed(packed: torch.Tensor) -> torch.Tensor:
+    """Packed FP4 bytes [..., K/2] straight to float32 values [..., K] (one table lookup per byte)."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"decode_fp4_packed expects uint8, got {packed.dtype}")
+    vals = _fp4_pair_lut(packed.device).index_select(0, packed.reshape(-1).to(torch.int32))
+    return vals.reshape(*packed.shape[:-1], packed.shape[-1] * 2)

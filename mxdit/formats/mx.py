@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from mxdit.formats.e8m0 import NAN_BYTE, e8m0_reciprocal, e8m0_to_float, scale_floor, scale_rceil
-from mxdit.formats.elements import FP4_E2M1, ElementFormat, check_round_mode, decode_elements, encode_elements, get_format
+from mxdit.formats.elements import FP4_E2M1, ElementFormat, check_round_mode, decode_elements, decode_fp4_packed, encode_elements, get_format
 from mxdit.formats.packing import pack_fp4, unpack_fp4
 
 SCALE_MODES = ("floor", "rceil")
@@ -60,7 +60,7 @@ class MXTensor:
         return self.qdata.view(torch.uint8)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        vals = decode_elements(self.codes(), self.fmt)
+        vals = decode_fp4_packed(self.qdata) if self.fmt == "fp4_e2m1" else decode_elements(self.codes(), self.fmt)
         k = vals.shape[-1]
         vals = vals.reshape(*vals.shape[:-1], k // self.block_size, self.block_size)
         out = vals * e8m0_to_float(self.scale).unsqueeze(-1)

@@ -1,0 +1,126 @@
+"""The ``mxdit`` command line.
+
+Subcommands live in their own modules and are imported only when used, so
+``mxdit --help`` is instant and a broken or missing tool never breaks the
+others.  A subcommand module provides::
+
+    def add_arguments(parser: argparse.ArgumentParser) -> None: ...
+    def run(args: argparse.Namespace) -> int: ...
+
+and may raise :class:`UsageError` from ``run`` for a bad input: ``main`` prints
+it as one line, ``mxdit <command>: error: <message>``, and returns 2 (as
+argparse does for its own errors).
+
+To add a subcommand, append ``(name, module, one-line help)`` to
+:data:`SUBCOMMANDS`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+#: (command, module, one-line help).  Imported lazily, on use.
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("generate", "mxdit.tools.generate", "generate a video with a Wan2.2 model (optionally MX-quantized)"),
+    ("compare-perf", "mxdit.tools.compare_perf", "compare performance JSON files (markdown report)"),
+    ("demo", "mxdit.tools.demo", "offline demo: a tiny random Wan2.2 model in BF16, MXFP8 and MXFP4"),
+    # ---- slots for tools owned by other modules (registered always, imported on use) ----
+    ("repack", "mxdit.tools.repack", "repack a checkpoint (see mxdit.tools.repack)"),
+    ("quantize", "mxdit.tools.quantize", "quantize a checkpoint offline (see mxdit.tools.quantize)"),
+]
+
+# TODO(replace): mxdit.quant.registry.available_quant_methods() is the source of truth once it
+# lands; this list is only the fallback while it does not exist.  Keep it the ONE copy.
+FALLBACK_QUANT_METHODS: tuple[str, ...] = ("mxfp8", "mxfp4", "mxfp4_dual", "mxfp4_npu", "fp8", "modelslim")
+
+
+def available_quant_methods() -> tuple[str, ...]:
+    """Names accepted by ``--quantization``."""
+    try:
+        from mxdit.quant.registry import available_quant_methods as _registry_methods
+    except ImportError:
+        return FALLBACK_QUANT_METHODS
+    return tuple(_registry_methods())
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (``prog: error: message``, exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _top_parser() -> ArgumentParser:
+    width = max(len(n) for n, _, _ in SUBCOMMANDS)
+    epilog = "commands:\n" + "\n".join(f"  {n:<{width}}  {h}" for n, _, h in SUBCOMMANDS)
+    epilog += "\n\nRun 'mxdit <command> --help' for a command's options."
+    p = ArgumentParser(
+        prog="mxdit",
+        usage="mxdit <command> [options]",
+        description="Wan2.2 video diffusion with MX quantization.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="store_true", help="print the mxdit version and exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mxdit`` script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv:
+        top.print_help(sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    if argv[0] == "--version":
+        from mxdit import __version__
+
+        print(f"mxdit {__version__}")
+        return 0
+    commands = {n: (m, h) for n, m, h in SUBCOMMANDS}
+    name = argv[0]
+    if name not in commands:
+        sys.stderr.write(f"mxdit: error: unknown command {name!r} (choose from {', '.join(commands)})\n")
+        return 2
+    module_name, help_text = commands[name]
+    prog = f"mxdit {name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
+            sys.stderr.write(f"{prog}: error: this command is not available in this build ({module_name} is missing)\n")
+            return 1
+        raise
+    parser = ArgumentParser(prog=prog, description=help_text)
+    module.add_arguments(parser)
+    try:
+        args = parser.parse_args(argv[1:])
+        rc = module.run(args)
+    except UsageError as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return 2
+    except SystemExit as e:  # argparse (--help, errors) inside main(argv) calls
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted\n")
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    # `python -m mxdit.cli`: run the imported module's main, so that UsageError raised by the
+    # subcommands (which import mxdit.cli) is the class main catches, not a __main__ copy
+    from mxdit.cli import main as _main
+
+    sys.exit(_main())

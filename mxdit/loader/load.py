@@ -58,6 +58,24 @@ class LoadReport:
                 f"{self.tensors} tensors, {self.parameter_bytes / 2**30:.3f} GiB of parameters in {self.seconds:.1f} s")
 
 
+def _release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc keeps allocations below its mmap
+    threshold in the heap, so quantization temporaries would otherwise stay in RSS)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def _owner(model: nn.Module, pname: str) -> tuple[nn.Module, str]:
     mod_name, _, attr = pname.rpartition(".")
     return (model.get_submodule(mod_name) if mod_name else model), attr
@@ -151,6 +169,8 @@ def load_transformer(
             if isinstance(module, QuantLinear):
                 module.process_weights_after_loading()
                 if module.quant_method.name != "unquantized":
+                    if device.type == "cpu":
+                        _release_freed_memory()
                     report.layers_quantized[module.quant_method.name] = report.layers_quantized.get(module.quant_method.name, 0) + 1
     bar.close()
     ckpt.files.close()

@@ -94,21 +94,32 @@ class QuantizedLinearMethod(LinearMethod):
         layer.weight_scale = _empty((out_features, in_features // 32), torch.uint8, device)
         self.create_bias(layer, out_features, bias, device)
 
-    @staticmethod
-    def quantize_rows(fn, w: torch.Tensor, rows_per_chunk: int = 1024):
-        """Apply a row-wise quantizer ``fn`` to ``w`` in chunks of rows and concatenate
-        the fields of the results: blocks run along K, so rows are independent and the
-        result is identical, while the temporaries stay those of one chunk (about 7x a
-        chunk's bf16 bytes) instead of 7x the whole weight."""
-        if w.shape[0] <= rows_per_chunk:
-            return fn(w)
-        parts = [fn(w[i : i + rows_per_chunk]) for i in range(0, w.shape[0], rows_per_chunk)]
-        first = parts[0]
-        if isinstance(first, tuple):
-            return tuple(torch.cat(fs) for fs in zip(*parts))
-        fields = {k: torch.cat([getattr(p, k) for p in parts]) if isinstance(v, torch.Tensor) else v
-                  for k, v in vars(first).items()}
-        return type(first)(**fields)
+    #: elements per chunk of online weight quantization (1M: ~30 MB of temporaries)
+    chunk_elements = 1 << 20
+
+    @classmethod
+    def quantize_rows(cls, fn, w: torch.Tensor):
+        """Apply a row-wise quantizer ``fn`` to ``w`` chunk by chunk of rows, writing each
+        result into preallocated outputs: blocks run along K, so rows are independent and
+        the result is identical, while the temporaries stay those of one chunk (about 7x
+        a chunk's bf16 bytes) instead of 7x the whole weight."""
+        n = w.shape[0]
+        rows = max(1, cls.chunk_elements // max(1, w.shape[-1]))
+        first = fn(w[:rows])
+        if n <= rows:
+            return first
+        is_tuple = isinstance(first, tuple)
+        fields = dict(enumerate(first)) if is_tuple else dict(vars(first))
+        out = {k: (torch.empty((n, *v.shape[1:]), dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v)
+               for k, v in fields.items()}
+        for i in range(0, n, rows):
+            part = first if i == 0 else fn(w[i : i + rows])
+            vals = dict(enumerate(part)) if is_tuple else vars(part)
+            for k, v in vals.items():
+                if isinstance(v, torch.Tensor):
+                    out[k][i : i + v.shape[0]] = v
+            del part, vals
+        return tuple(out[k] for k in sorted(out)) if is_tuple else type(first)(**out)
 
     def weight_to_quantize(self, layer: nn.Module) -> tuple[torch.Tensor, KernelBackend]:
         """The loaded float weight, checked finite and in bf16/fp16 (what the NPU quant ops take,
@@ -335,11 +346,15 @@ class Int8LinearMethod(QuantizedLinearMethod):
 
 # ---- weight loaders: checkpoint tensor -> parameter storage ------------------
 
-def check_finite(layer: nn.Module, w: torch.Tensor) -> None:
-    if w.is_floating_point():
-        bad = ~torch.isfinite(w)
-        if bool(bad.any()):
-            idx = tuple(int(i) for i in bad.nonzero()[0])
+def check_finite(layer: nn.Module, w: torch.Tensor, chunk_elements: int = 1 << 22) -> None:
+    """Raise naming the layer if ``w`` holds Inf or NaN (checked in row chunks: no full-size mask)."""
+    if not w.is_floating_point():
+        return
+    rows = max(1, chunk_elements // max(1, w.shape[-1])) if w.dim() > 1 else w.shape[0]
+    for i in range(0, w.shape[0], rows):
+        if not bool(torch.isfinite(w[i : i + rows]).all()):
+            bad = ~torch.isfinite(w)
+            idx = tuple(int(j) for j in bad.nonzero()[0])
             raise ValueError(
                 f"layer '{getattr(layer, 'prefix', '?')}': weight has {int(bad.sum())} non-finite values "
                 f"(first at {idx}: {float(w[idx])}); online quantization needs finite weights"

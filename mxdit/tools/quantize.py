@@ -1,0 +1,947 @@
+"""``mxdit quantize``: an msmodelslim-compatible MX checkpoint from a BF16 Wan2.2 model, on any
+machine (CPU, CUDA, NPU), with optional calibration (SmoothQuant) and a per-layer quality report.
+
+Usage::
+
+    mxdit quantize --model-path BF16_DIR --output OUT --recipe RECIPE
+        [--layout mindie|ascendv1|diffusers] [--fp4-container uint8|fp8]
+        [--weight-rule auto|floor|rceil|minmax|ceil_x|mse|SCHEME=RULE,...]
+        [--calib-prompts FILE [--calib-steps N --calib-height H --calib-width W --calib-frames F
+                               --calib-image IMG (I2V)]]
+        [--smooth none|calib|data-free] [--smooth-alpha A] [--shard-size GB]
+        [--allow-non-block] [--device DEV] [--overwrite]
+
+Input (``--model-path``; never modified)
+    * a transformer directory, diffusers or original Wan names (``config.json`` +
+      ``*.safetensors``, sharded or not): one export, written at OUT;
+    * a diffusers model directory (``model_index.json``): every transformer it
+      lists.  For A14B (``transformer`` + ``transformer_2``) the msmodelslim
+      layouts write one export per expert, ``OUT/high_noise_model`` and
+      ``OUT/low_noise_model`` as msmodelslim does (the mapping of
+      :mod:`mxdit.tools.repack`); TI2V-5B's export is OUT itself;
+    * an original Wan2.2 A14B directory (``high_noise_model/`` + ``low_noise_model/``):
+      one export per expert under the same names.
+
+Output layouts (``--layout``)
+    ``mindie`` (default; msmodelslim ``mindie_format_saver``, what its Wan2.2
+    recipes use)
+        ``quant_model_description_{t}.json`` + ``quant_model_weight_{t}.safetensors``
+        with ``t = model_quant_type.lower()``; the description holds only the
+        tensor labels and ``model_quant_type`` (no version / group_size).
+    ``ascendv1`` (msmodelslim ``ascendv1_saver``)
+        ``quant_model_description.json`` with ``version`` "1.0.0",
+        ``model_quant_type``, ``metadata`` {}, ``group_size`` 32, ``optional`` {};
+        weights ``quant_model_weights-0000x-of-0000y.safetensors`` + index when
+        ``--shard-size`` > 0 (msmodelslim's ``part_file_size``, default 4 GB:
+        always the shard names, a new shard when the next tensor would reach the
+        size), else ``quant_model_weights.safetensors``.
+    ``diffusers``
+        what ``mxdit repack`` produces: ``diffusion_pytorch_model.safetensors``
+        (shards + index when larger than ``--shard-size``) with **diffusers** names,
+        the diffusers ``config.json`` and a ``quant_model_description.json`` with
+        diffusers names; ``mxdit.load_transformer`` reads it as is.  From a model
+        directory the whole directory is written (the other components copied), so
+        ``mxdit generate --model-path OUT`` runs it.  As in ``mxdit repack`` output,
+        smoothed layers have no wrapper components here: ``<layer>.mul_scale``,
+        ``<layer>.weight``...
+
+    msmodelslim layouts use original Wan names and an original-format
+    ``config.json``.  Every tensor has a label: the quantized layer's weight
+    tensors its scheme, biases FLOAT (ascendv1: the scheme for DUALSCALE layers,
+    as msmodelslim), ``div.mul_scale`` FLOAT, every other tensor FLOAT in its
+    source dtype.  ``model_quant_type`` is the highest-priority scheme present
+    (msmodelslim's ``QUANT_TYPE_PRIORITY``; also used for the mindie file names).
+
+Tensors per quantized layer L (``P = L``, or ``L.linear`` when smoothed)
+    ============================  ====================================================
+    W8A8_MXFP8                    P.weight float8_e4m3fn [N,K]; P.weight_scale uint8 [N,K/32]
+    W4A4_MXFP4                    P.weight uint8 [N,K/2] (``--fp4-container uint8``, packed,
+                                  even k in the low nibble) or float8_e4m3fn [N,K] holding
+                                  the FP4 values (``fp8``, msmodelslim <= 26.0.0);
+                                  P.weight_scale uint8 [N,K/32]
+    W4A4_MXFP4_DUALSCALE          as W4A4_MXFP4 plus P.weight_dual_scale float32 [N,K/512,1]
+    all                           P.bias float32 [N]; smoothed: L.div.mul_scale float32 [K]
+                                  (diffusers layout: no wrappers, L.mul_scale and L.weight...)
+    ============================  ====================================================
+
+    Scale bytes are E8M0, ``shared_exp + 127``.  The weight scale rule is
+    ``--weight-rule`` (:mod:`mxdit.quant.offline_rules`; default ``mse``, the
+    measured winner for every scheme).
+
+Recipes: :mod:`mxdit.tools.recipes` (file format, built-ins ``all-mxfp8``,
+``all-mxfp4``, ``all-mxfp4-dual``, ``msmodelslim-wan2.2``; only block linears by
+default).  Calibration and smoothing: :mod:`mxdit.tools.calibrate`
+(``--smooth`` defaults to ``calib`` with ``--calib-prompts``, else ``none``;
+``--smooth-alpha`` needs prompts or ``--smooth data-free``).  Quality report:
+:mod:`mxdit.tools.quant_report` -- ``quality_report.{md,png,json}`` in each
+export directory.
+
+Streaming: tensors are read one at a time (mmap, pages released), each
+quantized layer is processed in row chunks and written by a streaming writer,
+so peak memory stays near the largest tensor (plus the calibration samples),
+never the model.  Measured (``benchmarks/bench_quantize.py``, synthetic
+full-width A14B expert cut to 4 blocks, 3.05 GiB BF16, largest tensor 300 MiB,
+CPU, one thread of a shared 2-core VM): peak RSS 0.81 GiB (0.22 GiB of it
+imports), 17 s per block for ``all-mxfp8`` and 16 s for ``all-mxfp4-dual``
+with the default ``mse`` rule and the report -- about 22 minutes for both
+A14B experts (2 x 40 blocks) on one core; more threads or ``--device cuda``
+go faster.  The output is built in a temporary sibling directory and
+renamed into place at the end; an existing output is refused without
+``--overwrite``; on any error nothing is left behind.  Every bad input is
+found before anything is written (CLI: one line, exit status 2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from mxdit.quant.offline_rules import (
+    DEFAULT_RULES,
+    FORMAT_RULES,
+    RULES,
+    SCHEME_FORMAT,
+    SCHEME_K_MULTIPLE,
+    QuantizedWeight,
+    quantize_weight,
+)
+from mxdit.tools.calibrate import (
+    CalibrationSettings,
+    LayerActStats,
+    collect_activation_stats,
+    column_amax,
+    data_free_smooth_factors,
+    describe_factors,
+    read_prompts,
+    smooth_factors,
+)
+from mxdit.tools.quant_report import ActQuant, LayerReport, ReportMeta, SqnrAccumulator, random_activations, write_report
+from mxdit.tools.recipes import Recipe, RecipeError, canonical_scheme
+from mxdit.tools.repack import EXPERT_SUBDIRS
+
+LAYOUTS = ("mindie", "ascendv1", "diffusers")
+FP4_CONTAINERS = ("uint8", "fp8")
+SMOOTH_MODES = ("none", "calib", "data-free")
+#: msmodelslim AscendV1Saver.QUANT_TYPE_PRIORITY (a later entry wins)
+QUANT_TYPE_PRIORITY = (
+    "FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "WFP8AFP8_DYNAMIC",
+    "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE",
+)
+ASCENDV1_DESC = "quant_model_description.json"
+ASCENDV1_WEIGHTS = "quant_model_weights"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+GB = 1 << 30
+DEFAULT_SHARD_GB = 4.0
+#: rows per chunk: about this many weight elements are processed at once
+CHUNK_ELEMENTS = 1 << 20
+
+
+class QuantizeError(ValueError):
+    """A bad input found before anything is written (the CLI prints it on one line, exit 2)."""
+
+
+# ============================================================================ options / results
+@dataclass
+class QuantizeOptions:
+    recipe: str = "all-mxfp8"
+    layout: str = "mindie"
+    fp4_container: str = "uint8"
+    weight_rule: Optional[str] = None  # "auto" / RULE / "SCHEME=RULE,..."
+    calib_prompts: Optional[str] = None
+    calib: CalibrationSettings = field(default_factory=CalibrationSettings)
+    smooth: Optional[str] = None  # None: "calib" with prompts, else "none"
+    smooth_alpha: Optional[float] = None
+    shard_size_gb: float = DEFAULT_SHARD_GB
+    allow_non_block: bool = False
+    device: str = "cpu"
+    report_rows: int = 32
+    report_plot: bool = True
+    overwrite: bool = False
+    progress: bool = True
+    #: activation statistics from an earlier run (``QuantizeResult.calib_stats``): calibrate once,
+    #: then try several recipes / smoothing settings without running the pipeline again
+    calib_stats: Optional[dict[str, dict[str, LayerActStats]]] = None
+
+
+@dataclass
+class ExpertResult:
+    name: str
+    out_dir: str
+    description: str
+    weight_files: list[str]
+    tensors: int
+    model_quant_type: str
+    layers: list[LayerReport]
+    report_files: dict[str, str]
+
+
+@dataclass
+class QuantizeResult:
+    output: str
+    experts: list[ExpertResult]
+    warnings: list[str]
+    seconds: float
+    calib_stats: Optional[dict[str, dict[str, LayerActStats]]] = None
+
+
+# ============================================================================ planning
+@dataclass
+class LayerPlan:
+    model_name: str  # diffusers module name (the model's prefix)
+    orig_name: str
+    scheme: str
+    rule: str
+    in_features: int
+    out_features: int
+
+
+@dataclass
+class ExpertPlan:
+    key: str  # "transformer", "transformer_2", "high_noise_model", ... or "" (single transformer dir)
+    src_dir: str
+    out_rel: str
+    ckpt: Any  # TransformerCheckpoint
+    params: list[tuple[str, tuple[int, ...]]]  # model parameter names in model order (and shapes)
+    layers: dict[str, LayerPlan]  # model_name -> plan (quantized layers only)
+    linear_count: int
+
+    @property
+    def title(self) -> str:
+        return self.key or os.path.basename(os.path.normpath(self.src_dir))
+
+
+def _resolve_inputs(model_path: str, layout: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """(kind, [(key, src_dir, out_rel)]) for a transformer dir, a model dir or an original A14B dir."""
+    if not os.path.exists(model_path):
+        raise QuantizeError(f"--model-path '{model_path}' does not exist")
+    if not os.path.isdir(model_path):
+        raise QuantizeError(f"--model-path '{model_path}' is not a directory")
+    index = os.path.join(model_path, "model_index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                mi = json.load(f)
+        except (OSError, ValueError) as e:
+            raise QuantizeError(f"cannot read '{index}': {e}") from None
+        keys = [k for k in ("transformer", "transformer_2")
+                if isinstance(mi.get(k), (list, tuple)) and len(mi[k]) == 2 and mi[k][0] is not None]
+        if "transformer" not in keys:
+            raise QuantizeError(f"'{index}' lists no 'transformer' component")
+        for k in keys:
+            if not os.path.isdir(os.path.join(model_path, k)):
+                raise QuantizeError(f"model directory '{model_path}' has no {k}/ subdirectory")
+        two = len(keys) == 2
+        out = []
+        for k in keys:
+            rel = k if layout == "diffusers" else (EXPERT_SUBDIRS[k] if two else "")
+            out.append((k, os.path.join(model_path, k), rel))
+        return "model_dir", out
+    subs = list(EXPERT_SUBDIRS.values())
+    if all(os.path.isdir(os.path.join(model_path, s)) for s in subs):
+        return "original_a14b", [(s, os.path.join(model_path, s), s) for s in subs]
+    return "transformer_dir", [("", model_path, "")]
+
+
+def _parse_weight_rules(spec: Optional[str]) -> tuple[dict[str, str], list[str]]:
+    rules = dict(DEFAULT_RULES)
+    notes: list[str] = []
+    if spec is None or spec == "auto":
+        return rules, notes
+    if "=" not in spec:
+        if spec not in RULES:
+            raise QuantizeError(f"--weight-rule {spec!r} is not a rule; valid: auto, {', '.join(RULES)}, or SCHEME=RULE,...")
+        for scheme in rules:
+            if spec in FORMAT_RULES[SCHEME_FORMAT[scheme]]:
+                rules[scheme] = spec
+            else:
+                notes.append(f"--weight-rule {spec} does not apply to {scheme}; it keeps {rules[scheme]}")
+        return rules, notes
+    for part in spec.split(","):
+        if "=" not in part:
+            raise QuantizeError(f"--weight-rule: expected SCHEME=RULE, got {part!r}")
+        s, r = (p.strip() for p in part.split("=", 1))
+        scheme = canonical_scheme(s)
+        if scheme is None or scheme == "FLOAT":
+            raise QuantizeError(f"--weight-rule: unknown scheme {s!r}; valid: {', '.join(SCHEME_FORMAT)}")
+        if r not in FORMAT_RULES[SCHEME_FORMAT[scheme]]:
+            raise QuantizeError(
+                f"--weight-rule: rule {r!r} does not apply to {scheme}; valid: {', '.join(FORMAT_RULES[SCHEME_FORMAT[scheme]])}"
+            )
+        rules[scheme] = r
+    return rules, notes
+
+
+def _config_has_quantization(directory: str) -> bool:
+    p = os.path.join(directory, "config.json")
+    if not os.path.isfile(p):
+        return False
+    try:
+        with open(p, encoding="utf-8") as f:
+            return bool(json.load(f).get("quantization_config"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _plan_expert(key: str, src: str, out_rel: str, recipe: Recipe, rules: dict[str, str],
+                 allow_non_block: bool, warnings: list[str]) -> ExpertPlan:
+    from mxdit.loader.checkpoint import open_checkpoint
+    from mxdit.models.wan.names import diffusers_to_original
+    from mxdit.models.wan.transformer import WanTransformer3DModel
+
+    where = f"'{src}'"
+    try:
+        ckpt = open_checkpoint(src)
+    except (OSError, ValueError) as e:
+        raise QuantizeError(f"{where}: {e}".replace("\n", " ")) from None
+    if ckpt.layout not in ("diffusers", "original"):
+        raise QuantizeError(f"{where} is already quantized ({ckpt.layout} layout); --model-path must be a BF16 model")
+    if _config_has_quantization(src):
+        raise QuantizeError(f"{where}: config.json has a quantization_config; --model-path must be a BF16 model")
+    model = WanTransformer3DModel(ckpt.config, device="meta")
+    params = dict(model.named_parameters())
+    unexpected = sorted(ckpt.names[m] for m in ckpt.names if m not in params)
+    missing = sorted(p for p, t in params.items() if p not in ckpt.names and getattr(t, "missing_init", None) is None)
+    bad = []
+    for p, t in params.items():
+        if p in ckpt.names:
+            info = ckpt.files.info(ckpt.names[p])
+            if tuple(info.shape) != tuple(t.shape):
+                bad.append(f"{info.name} {tuple(info.shape)} (expected {tuple(t.shape)})")
+            elif not info.dtype.is_floating_point or info.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                bad.append(f"{info.name} is {info.dtype} (expected a float16/bfloat16/float32 model)")
+    if missing or unexpected or bad:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mismatched", bad)):
+            if items:
+                parts.append(f"{len(items)} {title} tensors ({'; '.join(items[:5])}{' ...' if len(items) > 5 else ''})")
+        raise QuantizeError(f"{where} does not hold a Wan transformer of its config: " + ", ".join(parts))
+
+    linears = {name: (m.in_features, m.out_features) for name, m in model.quant_linears()}
+    orig = {name: diffusers_to_original(name) for name in linears}
+    try:
+        assignment = recipe.assign(orig.values(), allow_non_block=allow_non_block,
+                                   diffusers_names={o: d for d, o in orig.items()})
+    except RecipeError as e:
+        raise QuantizeError(f"{e} (model {where})") from None
+    warnings.extend(f"{w} (model {where})" for w in assignment.warnings)
+    layers: dict[str, LayerPlan] = {}
+    bad_k = []
+    for name, (k, n) in linears.items():
+        scheme = assignment.schemes[orig[name]]
+        if scheme == "FLOAT":
+            continue
+        mult = SCHEME_K_MULTIPLE[scheme]
+        if k % mult:
+            bad_k.append(f"{orig[name]} (K={k})")
+            continue
+        layers[name] = LayerPlan(name, orig[name], scheme, rules[scheme], k, n)
+    if bad_k:
+        schemes = sorted({assignment.schemes[o.split(' ')[0]] for o in bad_k})
+        mults = ", ".join(f"{s} needs K % {SCHEME_K_MULTIPLE[s]} == 0" for s in schemes)
+        raise QuantizeError(
+            f"recipe {recipe.name}: in_features (K) does not fit the scheme for {len(bad_k)} layer(s): "
+            f"{', '.join(bad_k[:6])}{' ...' if len(bad_k) > 6 else ''} ({mults}); map them to another scheme or FLOAT"
+        )
+    plist = [(p, tuple(t.shape)) for p, t in params.items() if p in ckpt.names]
+    return ExpertPlan(key, src, out_rel, ckpt, plist, layers, len(linears))
+
+
+# ============================================================================ per-layer work
+def _rows_per_chunk(k: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(k, 1))
+
+
+@dataclass
+class LayerOutput:
+    quantized: QuantizedWeight
+    mul_scale: Optional[torch.Tensor]
+    report: LayerReport
+
+
+def quantize_layer(
+    w: torch.Tensor,
+    plan: LayerPlan,
+    *,
+    smooth: Optional[torch.Tensor],
+    x: Optional[torch.Tensor],
+    smoothing_desc: str = "-",
+) -> LayerOutput:
+    """Quantize one weight [N, K] (row chunks), measuring weight and output SQNR on the way.
+
+    ``smooth``: the factors s [K] (weight stored as W * s, mul_scale = 1 / s) or None.
+    ``x``: activation rows [S, K] for the output SQNR (None: no output SQNR).
+    """
+    n, k = w.shape
+    dev = w.device
+    s = None if smooth is None else smooth.to(dev, torch.float32)
+    mul_scale = None if s is None else (1.0 / s)
+    act = None if x is None else ActQuant(x.to(dev), plan.scheme, mul_scale)
+    xf = None if x is None else x.to(dev, torch.float32)
+    wacc, oacc = SqnrAccumulator(), SqnrAccumulator()
+    fmt = SCHEME_FORMAT[plan.scheme]
+    qdata = torch.empty((n, k // 2) if fmt == "fp4_e2m1" else (n, k),
+                        dtype=torch.uint8 if fmt == "fp4_e2m1" else torch.float8_e4m3fn, device=dev)
+    scale = torch.empty(n, k // 32, dtype=torch.uint8, device=dev)
+    dual = torch.empty(n, k // 512, dtype=torch.float32, device=dev) if plan.scheme == "W4A4_MXFP4_DUALSCALE" else None
+    step = _rows_per_chunk(k)
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        wc = w[r0:r1].to(torch.float32)
+        qc = quantize_weight(wc * s if s is not None else wc, plan.scheme, plan.rule, keep_dequantized=True)
+        deq = qc.deq  # of W * s
+        if act is not None:
+            oacc.add(xf @ wc.t(), act.deq @ deq.t())
+        wacc.add(wc, deq * mul_scale if mul_scale is not None else deq)
+        qdata[r0:r1], scale[r0:r1] = qc.qdata, qc.scale
+        if dual is not None:
+            dual[r0:r1] = qc.dual_scale
+        del wc, qc, deq
+    q = QuantizedWeight(plan.scheme, qdata.cpu(), scale.cpu(), None if dual is None else dual.cpu())
+    rep = LayerReport(
+        name=plan.orig_name, scheme=plan.scheme, rule=plan.rule, out_features=n, in_features=k,
+        smoothing=smoothing_desc, weight_sqnr_db=wacc.db,
+        output_sqnr_db=oacc.db if act is not None else float("nan"), act_rows=0 if x is None else int(x.shape[0]),
+    )
+    return LayerOutput(q, None if mul_scale is None else mul_scale.cpu(), rep)
+
+
+# ============================================================================ export writer
+@dataclass
+class Entry:
+    name: str
+    label: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    produce: Callable[[], torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n * self.dtype.itemsize
+
+
+def _model_quant_type(schemes) -> str:
+    return max(schemes, key=QUANT_TYPE_PRIORITY.index)
+
+
+class _ExpertWriter:
+    def __init__(self, plan: ExpertPlan, out_dir: str, opts: QuantizeOptions, smooth_mode: str,
+                 stats: Optional[dict[str, LayerActStats]], recipe: Recipe, source: str):
+        self.plan = plan
+        self.out_dir = out_dir
+        self.opts = opts
+        self.smooth_mode = smooth_mode
+        self.stats = stats
+        self.recipe = recipe
+        self.source = source
+        self.device = torch.device(opts.device)
+        self.reports: list[LayerReport] = []
+        self._cache: dict[str, LayerOutput] = {}
+        self._remaining: dict[str, int] = {}
+        self.bar = None
+
+    # ---- names
+    def out_name(self, model_name: str) -> str:
+        from mxdit.models.wan.names import diffusers_to_original
+
+        return model_name if self.opts.layout == "diffusers" else diffusers_to_original(model_name)
+
+    # ---- the per-layer job (run when its first tensor is written)
+    def _layer(self, lp: LayerPlan) -> LayerOutput:
+        out = self._cache.get(lp.model_name)
+        if out is not None:
+            return out
+        files = self.plan.ckpt.files
+        w = files.read(self.plan.ckpt.names[lp.model_name + ".weight"]).to(self.device)
+        st = self.stats.get(lp.model_name) if self.stats is not None else None
+        s = None
+        if self.smooth_mode == "calib":
+            s = smooth_factors(st.amax.to(self.device), column_amax(w), self.alpha)
+        elif self.smooth_mode == "data-free":
+            s = data_free_smooth_factors(column_amax(w), self.alpha)
+        if st is not None:
+            x = st.samples
+        else:
+            x = random_activations(lp.in_features, self.opts.report_rows, seed=zlib.crc32(lp.orig_name.encode()))
+        out = quantize_layer(w, lp, smooth=s, x=x, smoothing_desc=describe_factors(s))
+        del w
+        self.reports.append(out.report)
+        self._cache[lp.model_name] = out
+        return out
+
+    def _take(self, lp: LayerPlan, what: str) -> torch.Tensor:
+        out = self._layer(lp)
+        q = out.quantized
+        if what == "mul_scale":
+            t = out.mul_scale
+        elif what == "weight":
+            t = q.qdata
+            if SCHEME_FORMAT[lp.scheme] == "fp4_e2m1" and self.opts.fp4_container == "fp8":
+                from mxdit.formats import fp4_to_fp8_container
+
+                t = fp4_to_fp8_container(t)
+        elif what == "weight_scale":
+            t = q.scale
+        elif what == "weight_dual_scale":
+            t = q.dual_scale.unsqueeze(-1)
+        else:
+            raise AssertionError(what)
+        self._remaining[lp.model_name] -= 1
+        if self._remaining[lp.model_name] == 0:
+            del self._cache[lp.model_name]
+        return t
+
+    @property
+    def alpha(self) -> float:
+        return 0.5 if self.opts.smooth_alpha is None else float(self.opts.smooth_alpha)
+
+    # ---- entries
+    def entries(self) -> list[Entry]:
+        plan, ckpt, layout = self.plan, self.plan.ckpt, self.opts.layout
+        ents: list[Entry] = []
+        smoothed = self.smooth_mode != "none"
+
+        def read(cname, cast=None):
+            def produce():
+                t = ckpt.files.read(cname)
+                return t if cast is None else t.to(cast)
+            return produce
+
+        for pname, shape in plan.params:
+            cname = ckpt.names[pname]
+            info = ckpt.files.info(cname)
+            mod, _, attr = pname.rpartition(".")
+            lp = plan.layers.get(mod)
+            if lp is None:
+                ents.append(Entry(self.out_name(pname), "FLOAT", info.dtype, tuple(info.shape), read(cname)))
+                continue
+            base = self.out_name(mod)
+            # msmodelslim's NonFusionSmoothQuantWrapper names (<L>.div.mul_scale, <L>.linear.*); the
+            # diffusers layout strips the wrappers, as mxdit repack does
+            wrap = smoothed and layout != "diffusers"
+            pre = base + ".linear" if wrap else base
+            ms_name = base + (".div.mul_scale" if wrap else ".mul_scale")
+            n, k = lp.out_features, lp.in_features
+            if attr == "weight":
+                fp4 = SCHEME_FORMAT[lp.scheme] == "fp4_e2m1"
+                mine = []
+                if smoothed:
+                    mine.append(Entry(ms_name, "FLOAT", torch.float32, (k,),
+                                      lambda lp=lp: self._take(lp, "mul_scale")))
+                if fp4 and self.opts.fp4_container == "uint8":
+                    wdt, wsh = torch.uint8, (n, k // 2)
+                else:
+                    wdt, wsh = torch.float8_e4m3fn, (n, k)
+                mine.append(Entry(pre + ".weight", lp.scheme, wdt, wsh, lambda lp=lp: self._take(lp, "weight")))
+                mine.append(Entry(pre + ".weight_scale", lp.scheme, torch.uint8, (n, k // 32),
+                                  lambda lp=lp: self._take(lp, "weight_scale")))
+                if lp.scheme == "W4A4_MXFP4_DUALSCALE":
+                    mine.append(Entry(pre + ".weight_dual_scale", lp.scheme, torch.float32, (n, k // 512, 1),
+                                      lambda lp=lp: self._take(lp, "weight_dual_scale")))
+                self._remaining[lp.model_name] = len(mine)
+                ents.extend(mine)
+            elif attr == "bias":
+                label = lp.scheme if (layout == "ascendv1" and lp.scheme == "W4A4_MXFP4_DUALSCALE") else "FLOAT"
+                ents.append(Entry(pre + ".bias", label, torch.float32, tuple(info.shape), read(cname, torch.float32)))
+            else:  # pragma: no cover - linears have weight and bias only
+                ents.append(Entry(self.out_name(pname), "FLOAT", info.dtype, tuple(info.shape), read(cname)))
+        return ents
+
+    # ---- files
+    def _shards(self, ents: list[Entry]) -> list[tuple[str, list[Entry]]]:
+        layout = self.opts.layout
+        max_size = int(self.opts.shard_size_gb * GB)
+        if layout == "mindie":
+            t = _model_quant_type({lp.scheme for lp in self.plan.layers.values()}).lower()
+            return [(f"quant_model_weight_{t}.safetensors", ents)]
+        groups: list[list[Entry]] = []
+        if max_size > 0:
+            cur: list[Entry] = []
+            size = 0
+            for e in ents:
+                if cur and size + e.nbytes >= max_size:
+                    groups.append(cur)
+                    cur, size = [], 0
+                cur.append(e)
+                size += e.nbytes
+            if cur:
+                groups.append(cur)
+        stem = ASCENDV1_WEIGHTS if layout == "ascendv1" else DIFFUSERS_WEIGHTS
+        if not groups or (layout == "diffusers" and len(groups) == 1):
+            return [(f"{stem}.safetensors", ents)]
+        n = len(groups)
+        return [(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+    def write(self) -> ExpertResult:
+        from mxdit.loader.safetensors_io import SafetensorsFile, write_safetensors
+
+        ents = self.entries()
+        names = [e.name for e in ents]
+        if len(set(names)) != len(names):  # pragma: no cover - internal invariant
+            raise RuntimeError("internal: duplicate output tensor names")
+        shards = self._shards(ents)
+        os.makedirs(self.out_dir, exist_ok=True)
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            tqdm = None
+        desc = f"quantizing {self.plan.title}"
+        self.bar = None if tqdm is None else tqdm(total=len(ents), desc=desc, unit="tensor",
+                                                  disable=not self.opts.progress, leave=False)
+
+        def counted(e: Entry):
+            def produce():
+                t = e.produce()
+                if self.bar is not None:
+                    self.bar.update(1)
+                return t
+            return (e.name, e.dtype, e.shape, produce)
+
+        files = []
+        try:
+            for fname, group in shards:
+                path = os.path.join(self.out_dir, fname)
+                write_safetensors(path, [counted(e) for e in group], metadata={"format": "pt"})
+                files.append(path)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self.plan.ckpt.files.close()
+        if len(shards) > 1:
+            stem = ASCENDV1_WEIGHTS if self.opts.layout == "ascendv1" else DIFFUSERS_WEIGHTS
+            index = {"metadata": {"total_size": sum(e.nbytes for e in ents)},
+                     "weight_map": {e.name: fname for fname, g in shards for e in g}}
+            with open(os.path.join(self.out_dir, f"{stem}.safetensors.index.json"), "w", encoding="utf-8") as f:
+                json.dump(index, f, indent=2)
+        # every planned tensor exactly once, as planned
+        seen: dict[str, Any] = {}
+        for p in files:
+            sf = SafetensorsFile(p)
+            for k, info in sf.tensors.items():
+                if k in seen:
+                    raise RuntimeError(f"internal: tensor '{k}' written twice")
+                seen[k] = info
+        if sorted(seen) != sorted(names):
+            raise RuntimeError("internal: the written files do not hold exactly the planned tensors")
+
+        mqt = _model_quant_type({lp.scheme for lp in self.plan.layers.values()})
+        labels = {e.name: e.label for e in ents}
+        if self.opts.layout == "mindie":
+            desc_name = f"quant_model_description_{mqt.lower()}.json"
+            description = {**labels, "model_quant_type": mqt}
+        else:
+            desc_name = ASCENDV1_DESC
+            description = {**labels, "version": "1.0.0", "model_quant_type": mqt, "metadata": {},
+                           "group_size": 32, "optional": {}}
+        desc_path = os.path.join(self.out_dir, desc_name)
+        with open(desc_path, "w", encoding="utf-8") as f:
+            json.dump(description, f, indent=2)
+        self._write_config()
+        order = {lp.orig_name: i for i, lp in enumerate(self.plan.layers.values())}
+        self.reports.sort(key=lambda r: order[r.name])
+        report_files = write_report(self.out_dir, self._report_meta(), self.reports, plot=self.opts.report_plot)
+        return ExpertResult(self.plan.title, self.out_dir, desc_path, files, len(ents), mqt, self.reports, report_files)
+
+    def _write_config(self) -> None:
+        cfg = self.plan.ckpt.config
+        src_cfg = os.path.join(self.plan.src_dir, "config.json")
+        src = None
+        if os.path.isfile(src_cfg):
+            with open(src_cfg, encoding="utf-8") as f:
+                src = json.load(f)
+        dst = os.path.join(self.out_dir, "config.json")
+        if self.opts.layout == "diffusers":
+            if src is not None and "num_attention_heads" in src:
+                shutil.copy2(src_cfg, dst)
+                return
+            data = {"_class_name": "WanTransformer3DModel", **cfg.to_dict()}
+        else:
+            if src is not None and "dim" in src and "num_attention_heads" not in src:
+                shutil.copy2(src_cfg, dst)
+                return
+            mt = "i2v" if cfg.in_channels == 36 else ("ti2v" if cfg.in_channels == 48 else "t2v")
+            data = cfg.to_original_dict(mt)
+        with open(dst, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+
+    def _report_meta(self) -> ReportMeta:
+        if self.smooth_mode == "none":
+            sm = "none"
+        else:
+            sm = f"{self.smooth_mode} (alpha {self.alpha}, power-of-two factors)"
+        if self.stats is not None:
+            c = self.opts.calib
+            rows = max((st.samples.shape[0] for st in self.stats.values()), default=0)
+            if self.opts.calib_prompts:
+                act = (f"calibration ({self.opts.calib_prompts}; {c.steps} steps, {c.frames} frames, "
+                       f"{c.height or 'default'}x{c.width or 'default'}; {rows} sampled input rows per layer)")
+            else:
+                act = f"calibration statistics given by the caller ({rows} sampled input rows per layer)"
+        else:
+            act = f"random N(0, 1) rows ({self.opts.report_rows} per layer; no calibration)"
+        rules = {}
+        for lp in self.plan.layers.values():
+            rules.setdefault(lp.scheme, lp.rule)
+        return ReportMeta(title=self.plan.title, source=self.source, recipe=self.recipe.name,
+                          layout=self.opts.layout, smoothing=sm, activations=act, weight_rules=rules,
+                          extra={"fp4_container": self.opts.fp4_container})
+
+
+# ============================================================================ top level
+def _check_output(model_path: str, output: str, overwrite: bool) -> None:
+    out_abs, in_abs = os.path.abspath(output), os.path.abspath(model_path)
+    if out_abs == in_abs or out_abs.startswith(in_abs + os.sep) or in_abs.startswith(out_abs + os.sep):
+        raise QuantizeError(f"--output '{output}' must not be inside (or contain) --model-path '{model_path}'")
+    if os.path.exists(output) and not overwrite:
+        raise QuantizeError(f"output '{output}' already exists; pass --overwrite to replace it")
+
+
+def _check_calibration_settings(model_path: str, c: CalibrationSettings) -> None:
+    """The pipeline's own checks, done up front from the model's JSON files (no weights loaded)."""
+    from mxdit.pipelines.model_dir import ModelDirError, inspect_model_dir
+
+    try:
+        info = inspect_model_dir(model_path)
+    except ModelDirError as e:
+        raise QuantizeError(f"--calib-prompts: {e}") from None
+    mh, mw = info.size_multiple
+    h = info.defaults["height"] if c.height is None else c.height
+    w = info.defaults["width"] if c.width is None else c.width
+    if h <= 0 or w <= 0 or h % mh or w % mw:
+        raise QuantizeError(
+            f"--calib-height/--calib-width {h}x{w}: this model ({info.kind}) needs positive multiples of {mh}x{mw}"
+        )
+    st = info.vae_scale_temporal
+    if c.frames % st != 1:
+        raise QuantizeError(f"--calib-frames {c.frames}: this model needs {st}n+1 frames (e.g. 17)")
+    if info.needs_image and c.image is None:
+        raise QuantizeError(f"calibrating an image-to-video model ({info.kind}) needs --calib-image FILE")
+    if c.image is not None and not info.accepts_image:
+        raise QuantizeError(f"--calib-image: this is a text-to-video model ({info.kind}); it takes no image")
+
+
+def _resolve_smoothing(opts: QuantizeOptions) -> str:
+    mode = opts.smooth
+    calibrated = bool(opts.calib_prompts) or opts.calib_stats is not None
+    if mode is None:
+        mode = "calib" if calibrated else "none"
+    if mode not in SMOOTH_MODES:
+        raise QuantizeError(f"--smooth {mode!r}: valid modes are {', '.join(SMOOTH_MODES)}")
+    if mode == "calib" and not calibrated:
+        raise QuantizeError("--smooth calib needs --calib-prompts FILE (or use --smooth data-free)")
+    if opts.smooth_alpha is not None:
+        if mode == "none":
+            raise QuantizeError("--smooth-alpha needs --calib-prompts FILE or --smooth data-free")
+        a = float(opts.smooth_alpha)
+        if not (0.0 <= a <= 1.0) or math.isnan(a):
+            raise QuantizeError(f"--smooth-alpha must be in [0, 1], got {opts.smooth_alpha}")
+    return mode
+
+
+def quantize_model(model_path: str, output: str, options: Optional[QuantizeOptions] = None,
+                   log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> QuantizeResult:
+    """Quantize ``model_path`` into ``output`` (see the module docstring).  Raises
+    :class:`QuantizeError` for bad inputs, before anything is written."""
+    from mxdit.tools.fsutil import atomic_output_dir
+
+    t0 = time.perf_counter()
+    opts = options or QuantizeOptions()
+    if opts.layout not in LAYOUTS:
+        raise QuantizeError(f"--layout {opts.layout!r}: valid layouts are {', '.join(LAYOUTS)}")
+    if opts.fp4_container not in FP4_CONTAINERS:
+        raise QuantizeError(f"--fp4-container {opts.fp4_container!r}: valid containers are {', '.join(FP4_CONTAINERS)}")
+    if not (opts.shard_size_gb >= 0) or math.isinf(opts.shard_size_gb):
+        raise QuantizeError(f"--shard-size must be a finite number >= 0 (GB), got {opts.shard_size_gb}")
+    if opts.report_rows < 1:
+        raise QuantizeError(f"report rows must be >= 1, got {opts.report_rows}")
+    warnings: list[str] = []
+    kind, inputs = _resolve_inputs(model_path, opts.layout)
+    try:
+        recipe = Recipe.load(opts.recipe) if isinstance(opts.recipe, str) else opts.recipe
+    except RecipeError as e:
+        raise QuantizeError(str(e)) from None
+    rules, notes = _parse_weight_rules(opts.weight_rule)
+    warnings.extend(notes)
+    smooth_mode = _resolve_smoothing(opts)
+    _check_output(model_path, output, opts.overwrite)
+    prompts = None
+    if opts.calib_prompts:
+        if kind != "model_dir":
+            raise QuantizeError(
+                "--calib-prompts needs a diffusers model directory (model_index.json, tokenizer, text encoder) "
+                f"as --model-path; '{model_path}' is a {kind.replace('_', ' ')}"
+            )
+        try:
+            prompts = read_prompts(opts.calib_prompts)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise QuantizeError(f"--calib-prompts: {e}") from None
+        c = opts.calib
+        if c.steps < 1 or c.frames < 1 or c.samples < 1:
+            raise QuantizeError("--calib-steps, --calib-frames and --calib-samples must be >= 1")
+        if c.image is not None and not os.path.isfile(c.image):
+            raise QuantizeError(f"--calib-image '{c.image}' is not a file")
+        _check_calibration_settings(model_path, c)
+    try:
+        torch.device(opts.device)
+    except (RuntimeError, ValueError) as e:
+        raise QuantizeError(f"--device {opts.device!r} is not a device ({e})") from None
+
+    plans = [_plan_expert(k, src, rel, recipe, rules, opts.allow_non_block, warnings) for k, src, rel in inputs]
+    for w in warnings:
+        log(f"warning: {w}")
+
+    stats: Optional[dict[str, dict[str, LayerActStats]]] = None
+    if opts.calib_stats is not None:
+        stats = opts.calib_stats
+        for p in plans:
+            have = stats.get(p.key, {})
+            lacking = [lp.orig_name for name, lp in p.layers.items() if name not in have]
+            if lacking:
+                raise QuantizeError(f"calib_stats has no statistics for {len(lacking)} layer(s) of "
+                                    f"'{p.title}' (e.g. {lacking[0]}); calibrate with this recipe")
+    elif prompts is not None:
+        log(f"calibrating on {len(prompts)} prompt(s): {opts.calib.steps} steps, {opts.calib.frames} frames")
+        try:
+            stats = collect_activation_stats(
+                model_path, prompts, {p.key: list(p.layers) for p in plans}, opts.calib,
+                device=opts.device, progress=opts.progress,
+            )
+        except (ValueError, FileNotFoundError) as e:
+            for p in plans:
+                p.ckpt.files.close()
+            msg = str(e).replace("\n", " ")
+            if "image is required" in msg:
+                msg += " (pass --calib-image FILE)"
+            elif "height and width" in msg or "num_frames" in msg:
+                msg += " (see --calib-height, --calib-width, --calib-frames)"
+            raise QuantizeError(msg if msg.startswith("calibration") else f"calibration: {msg}") from None
+
+    results: list[ExpertResult] = []
+    try:
+        with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
+            if kind == "model_dir" and opts.layout == "diffusers":
+                quantized_dirs = {p.key for p in plans}
+                for entry in sorted(os.listdir(model_path)):
+                    if entry in quantized_dirs:
+                        continue
+                    src, dst = os.path.join(model_path, entry), os.path.join(tmp, entry)
+                    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
+            for p in plans:
+                out_dir = os.path.join(tmp, p.out_rel) if p.out_rel else tmp
+                writer = _ExpertWriter(p, out_dir, opts, smooth_mode, None if stats is None else stats[p.key],
+                                       recipe, model_path)
+                res = writer.write()
+                final = os.path.join(os.path.abspath(output), p.out_rel) if p.out_rel else os.path.abspath(output)
+                res.out_dir = final
+                res.description = os.path.join(final, os.path.basename(res.description))
+                res.weight_files = [os.path.join(final, os.path.basename(f)) for f in res.weight_files]
+                res.report_files = {k: os.path.join(final, os.path.basename(v)) for k, v in res.report_files.items()}
+                results.append(res)
+    finally:
+        for p in plans:
+            p.ckpt.files.close()
+    return QuantizeResult(os.path.abspath(output), results, warnings, time.perf_counter() - t0, stats)
+
+
+# ============================================================================ CLI
+def _default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    npu = getattr(torch, "npu", None)
+    if npu is not None and npu.is_available():
+        return "npu"
+    return "cpu"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and output")
+    g.add_argument("--model-path", required=True,
+                   help="BF16 transformer dir (diffusers or original names), diffusers model dir (model_index.json), "
+                        "or original A14B dir (high_noise_model/ + low_noise_model/)")
+    g.add_argument("--output", required=True, help="output directory (built in a temporary sibling, then renamed)")
+    g.add_argument("--recipe", required=True,
+                   help="built-in (all-mxfp8, all-mxfp4, all-mxfp4-dual, msmodelslim-wan2.2) or a recipe file "
+                        "('PATTERN SCHEME' lines on original Wan layer names, first match wins)")
+    g.add_argument("--layout", default="mindie", choices=LAYOUTS,
+                   help="mindie (msmodelslim mindie_format_saver, default), ascendv1 (msmodelslim ascendv1_saver), "
+                        "diffusers (diffusers names, loadable by mxdit / mxdit generate)")
+    g.add_argument("--fp4-container", default="uint8", choices=FP4_CONTAINERS,
+                   help="FP4 weights as packed uint8 [N,K/2] (current msmodelslim, default) or float8_e4m3fn "
+                        "values [N,K] (msmodelslim <= 26.0.0)")
+    g.add_argument("--shard-size", type=float, default=DEFAULT_SHARD_GB, metavar="GB",
+                   help="ascendv1/diffusers shard size in GB (msmodelslim part_file_size; 0 = one file; default 4)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    g = parser.add_argument_group("quantization")
+    g.add_argument("--weight-rule", default="auto",
+                   help=f"weight scale rule: auto (per scheme: {', '.join(f'{k}={v}' for k, v in DEFAULT_RULES.items())}), "
+                        f"one of {', '.join(RULES)}, or SCHEME=RULE,... (see mxdit.quant.offline_rules)")
+    g.add_argument("--allow-non-block", action="store_true",
+                   help="allow recipe rules that quantize non-block linears (embedders, head); a warning is printed")
+    g.add_argument("--device", default=None,
+                   help="device for calibration and weight quantization (default: cuda/npu if available, else cpu)")
+    g = parser.add_argument_group("calibration and smoothing")
+    g.add_argument("--calib-prompts", default=None, metavar="FILE", help="calibration prompts, one per line")
+    g.add_argument("--calib-steps", type=int, default=8, help="denoising steps per prompt (default 8)")
+    g.add_argument("--calib-height", type=int, default=256, help="calibration video height (default 256)")
+    g.add_argument("--calib-width", type=int, default=448, help="calibration video width (default 448)")
+    g.add_argument("--calib-frames", type=int, default=17, help="calibration frames, 4n+1 (default 17)")
+    g.add_argument("--calib-seed", type=int, default=0)
+    g.add_argument("--calib-image", default=None, metavar="FILE",
+                   help="conditioning image for image-to-video models (required for I2V-A14B)")
+    g.add_argument("--calib-samples", type=int, default=32,
+                   help="input rows sampled per layer for the report's output SQNR (default 32)")
+    g.add_argument("--smooth", default=None, choices=SMOOTH_MODES,
+                   help="SmoothQuant: calib (default with --calib-prompts), data-free (weights only), none")
+    g.add_argument("--smooth-alpha", type=float, default=None, help="SmoothQuant migration strength in [0, 1] (default 0.5)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--no-plot", action="store_true", help="skip quality_report.png (the .md and .json are written)")
+
+
+def _scheme_means(layers: list[LayerReport]):
+    out = []
+    for sch in dict.fromkeys(l.scheme for l in layers):
+        ls = [l for l in layers if l.scheme == sch]
+        out.append((sch, sum(l.weight_sqnr_db for l in ls) / len(ls), sum(l.output_sqnr_db for l in ls) / len(ls)))
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from mxdit.cli import UsageError
+
+    opts = QuantizeOptions(
+        recipe=args.recipe, layout=args.layout, fp4_container=args.fp4_container, weight_rule=args.weight_rule,
+        calib_prompts=args.calib_prompts,
+        calib=CalibrationSettings(steps=args.calib_steps, height=args.calib_height, width=args.calib_width,
+                                  frames=args.calib_frames, seed=args.calib_seed, samples=args.calib_samples,
+                                  image=args.calib_image),
+        smooth=args.smooth, smooth_alpha=args.smooth_alpha, shard_size_gb=args.shard_size,
+        allow_non_block=args.allow_non_block, device=args.device or _default_device(),
+        overwrite=args.overwrite, progress=not args.no_progress, report_plot=not args.no_plot,
+    )
+    try:
+        res = quantize_model(args.model_path, args.output, opts)
+    except (QuantizeError, FileExistsError) as e:
+        raise UsageError(str(e).replace("\n", " ")) from None
+    for ex in res.experts:
+        counts: dict[str, int] = {}
+        for l in ex.layers:
+            counts[l.scheme] = counts.get(l.scheme, 0) + 1
+        layers = ", ".join(f"{s} x{n}" for s, n in counts.items())
+        size = sum(os.path.getsize(f) for f in ex.weight_files) / GB
+        print(f"{ex.name}: {layers}; {ex.tensors} tensors, {size:.3f} GB in {len(ex.weight_files)} file(s) -> {ex.out_dir}")
+        print(f"  quality report: {ex.report_files['md']}")
+        for sch, mean_w, mean_o in _scheme_means(ex.layers):
+            print(f"  {sch}: mean weight SQNR {mean_w:.2f} dB, mean output SQNR {mean_o:.2f} dB")
+    print(f"wrote {res.output} in {res.seconds:.1f} s")
+    return 0

@@ -237,6 +237,16 @@ class WanVideoOutput:
 
 
 # --------------------------------------------------------------------------- pipeline
+def _detected_quantization(transformer: Any) -> str | None:
+    """What the loader resolved when no quantization was asked for (a description file,
+    config.json or safetensors metadata): e.g. ``"modelslim (W4A4_MXFP4_DUALSCALE)"``."""
+    qc = getattr(transformer, "quant_config", None)
+    if qc is None:
+        return None
+    kind = getattr(qc, "model_quant_type", None)
+    return f"{qc.name} ({kind})" if kind else qc.name
+
+
 class WanVideoPipeline:
     """Wan2.1/2.2 text/image-to-video pipeline with timed stages.
 
@@ -396,7 +406,8 @@ class WanVideoPipeline:
         return cls(
             tokenizer, text_encoder, vae, scheduler, transformer, transformer_2,
             boundary_ratio=info.boundary_ratio, expand_timesteps=info.expand_timesteps,
-            dtype=dtype, device=device, model_name=info.name, quantization=quantization, model_load_ms=load_ms,
+            dtype=dtype, device=device, model_name=info.name,
+            quantization=quantization or _detected_quantization(transformer), model_load_ms=load_ms,
         )
 
     def memory_footprint(self) -> dict[str, int | None]:

@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     print(f"loading {req.info.path} ({req.info.kind}) on {req.device}, "
-          f"quantization={args.quantization or 'none'} ...", file=sys.stderr)
+          f"quantization={args.quantization or 'auto-detect'} ...", file=sys.stderr)
     pipe = WanVideoPipeline.from_pretrained(
         req.info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
         device=req.device, dtype=req.dtype, flow_shift=args.flow_shift,

@@ -134,17 +134,22 @@ def _decode_lut(name: str, device: torch.device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _bf16_table(name: str, round_mode: str, device: torch.device) -> torch.Tensor:
-    every_bf16 = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
-    return _encode_f32(every_bf16.to(torch.float32), FORMATS[name], round_mode).to(device)
+    every_bf16 = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).to(torch.float32)
+    table = _encode_f32(every_bf16, FORMATS[name], round_mode)
+    f = FORMATS[name]
+    if f.nan_code is not None:  # one NaN code whatever the NaN's sign bit
+        table = torch.where(torch.isnan(every_bf16), torch.tensor(f.nan_code, dtype=torch.uint8), table)
+    return table.to(device)
 
 
 def encode_elements(y: torch.Tensor, fmt: "str | ElementFormat", round_mode: str = "rint") -> torch.Tensor:
     """Encode values (already divided by their scale) as element codes (uint8).
 
     ``y`` is float32 or bfloat16 (other dtypes are converted to float32).
-    Saturates finite overflow and +-Inf to +-max.  NaN becomes the format's
-    NaN code (FP8); FP4 has no NaN and encodes NaN as +max (callers mark such
-    blocks with the NaN scale 0xFF, which makes the whole block NaN).
+    Saturates finite overflow and +-Inf to +-max.  NaN becomes a NaN code
+    (FP8; 0x7F, or 0xFF for a negative NaN on the fp32 "rint" path); FP4 has
+    no NaN and encodes NaN as +max (callers mark such blocks with the NaN
+    scale 0xFF, which makes the whole block NaN).
     """
     f = get_format(fmt)
     check_round_mode(round_mode)
@@ -160,7 +165,8 @@ def encode_elements(y: torch.Tensor, fmt: "str | ElementFormat", round_mode: str
 def _encode_f32(y: torch.Tensor, f: ElementFormat, round_mode: str) -> torch.Tensor:
     if f.torch_dtype is not None and round_mode == "rint":
         # torch 2.13 casts round half to even; clamp first so e5m2 (which the
-        # cast does not saturate) and Inf saturate as the spec says.
+        # cast does not saturate) and Inf saturate as the spec says.  NaN keeps
+        # its sign bit here (0x7F or 0xFF); quantize_mx writes 0x7F for NaN blocks.
         return y.clamp(-f.max_value, f.max_value).to(f.torch_dtype).view(torch.uint8)
     bounds = _boundaries(f.name, round_mode, y.device)
     mag = torch.bucketize(y.abs().contiguous(), bounds, out_int32=True).to(torch.uint8)

@@ -124,10 +124,11 @@ def quantize_mx(
         y = xb.to(torch.float32) * recip  # exact power-of-two product
     codes = encode_elements(y, f, round_mode).reshape(*x.shape)
     scale = scale.squeeze(-1)
+    bad = scale == NAN_BYTE
+    if bool(bad.any()):  # rare: FP8 NaN blocks are all 0x7F (torchao main), FP4 ones 0
+        fill = 0 if f.nan_code is None else f.nan_code
+        codes = codes.reshape(xb.shape).masked_fill(bad.unsqueeze(-1), fill).reshape(x.shape)
     if f is FP4_E2M1:
-        bad = scale == NAN_BYTE
-        if bool(bad.any()):
-            codes = codes.reshape(xb.shape).masked_fill(bad.unsqueeze(-1), 0).reshape(x.shape)
         qdata = pack_fp4(codes)
     else:
         qdata = codes.view(f.torch_dtype)

@@ -146,7 +146,10 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     the per-output-channel weight scales of the "fp8" method (rows of W).
     """
     xf = x.to(torch.float32)
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY) / FP8_MAX
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
+    # a true division by a tensor: CUDA turns division by a Python scalar into a
+    # multiply by its rounded reciprocal, which would make GPU scales differ by an ulp
+    scale = amax / torch.full_like(amax, FP8_MAX)
     q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
@@ -161,7 +164,8 @@ def quantize_int8_static(x: torch.Tensor, input_scale: torch.Tensor, input_offse
 def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """npu_dynamic_quant semantics: per-row scale = amax / 127, q = clamp(rint(x / scale))."""
     xf = x.to(torch.float32)
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY) / 127.0
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
+    scale = amax / torch.full_like(amax, 127.0)  # true division on every device
     q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
     return q, scale
 

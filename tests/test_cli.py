@@ -71,6 +71,7 @@ def _bad_cases(t2v, i2v, ti2v, tmp):
         (["--transformer-weights-path", str(tmp / "nope")], t2v, "--transformer-weights-path"),
         (["--dtype", "int8"], t2v, "unknown --dtype"),
         (["--device", "cuda:99"], t2v, "--device"),
+        (["--device", "npu"], t2v, "needs torch_npu (pip install torch-npu"),
         (["--output", str(tmp / "out.avi")], t2v, "must end in .mp4"),
         (["--output", str(tmp)], t2v, "is a directory"),
         (["--num-frames", "abc"], t2v, "invalid int value"),

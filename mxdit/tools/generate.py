@@ -69,8 +69,15 @@ class GenerateRequest:
 def _resolve_device(name: str | None) -> str:
     import torch
 
-    if name is None or name.startswith("npu"):
-        try:  # registers the "npu" device type with torch
+    if name is not None and name.startswith("npu"):
+        from mxdit.kernels.npu import check_npu_available
+
+        try:  # imports torch_npu, which registers the "npu" device type with torch
+            check_npu_available()
+        except (ImportError, RuntimeError) as e:
+            raise UsageError(f"--device {name}: {e}") from None
+    elif name is None:
+        try:
             import torch_npu  # noqa: F401
         except ImportError:
             pass

@@ -49,6 +49,20 @@ def get_backend(name: str) -> KernelBackend:
     return _INSTANCES[name]
 
 
+def default_device() -> str:
+    """The first accelerator present ("cuda", then "npu" when torch_npu is installed), else "cpu"."""
+    if torch.cuda.is_available():
+        return "cuda"
+    try:
+        import torch_npu  # noqa: F401  (registers torch.npu)
+    except ImportError:
+        pass
+    npu = getattr(torch, "npu", None)
+    if npu is not None and npu.is_available():
+        return "npu"
+    return "cpu"
+
+
 def select_backend(device: torch.device | str, override: Optional[str] = None) -> KernelBackend:
     name = override or os.environ.get("MXDIT_KERNEL_BACKEND") or None
     if name:
@@ -65,6 +79,6 @@ def select_backend(device: torch.device | str, override: Optional[str] = None) -
 
 
 __all__ = [
-    "KernelBackend", "ReferenceBackend", "available_backends", "register_backend", "get_backend", "select_backend",
+    "KernelBackend", "ReferenceBackend", "available_backends", "default_device", "register_backend", "get_backend", "select_backend",
     "quantize_fp8_per_token", "quantize_int8_per_token", "quantize_int8_static",
 ]

@@ -218,23 +218,18 @@ def write_safetensors(path: str, entries, metadata: Optional[dict[str, str]] = N
         offset += size
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
-    tmp = f"{path}.partial-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(hb)))
-            f.write(hb)
-            for name, dtype, shape, produce in entries:
-                t = produce()
-                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                    raise SafetensorsError(
-                        f"writing '{path}': tensor '{name}' is {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}"
-                    )
-                t = t.detach().to("cpu").contiguous()
-                if t.numel():
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no extra copy
-                del t
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from mxdit.fsutil import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for name, dtype, shape, produce in entries:
+            t = produce()
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise SafetensorsError(
+                    f"writing '{path}': tensor '{name}' is {t.dtype} {tuple(t.shape)}, the header says {dtype} {tuple(shape)}"
+                )
+            t = t.detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no extra copy
+            del t

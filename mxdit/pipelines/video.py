@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +36,14 @@ def write_mp4(frames, path: str | os.PathLike, fps: int = 16, *, crf: int = 18) 
     """
     import imageio_ffmpeg
 
+    from mxdit.fsutil import atomic_file
+
     frames = _as_uint8_frames(frames)
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"output {path} is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
     _, h, w, _ = frames.shape
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.mp4", dir=str(path.parent))
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".tmp.mp4") as tmp:
         params = ["-crf", str(int(crf)), "-movflags", "+faststart"]
         if h % 2 or w % 2:
             params += ["-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2"]
@@ -63,13 +59,6 @@ def write_mp4(frames, path: str | os.PathLike, fps: int = 16, *, crf: int = 18) 
             writer.close()
         if os.path.getsize(tmp) == 0:
             raise RuntimeError(f"ffmpeg wrote an empty file for {path}")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return path
 
 

@@ -76,19 +76,10 @@ def _resolve_device(name: str | None) -> str:
             check_npu_available()
         except (ImportError, RuntimeError) as e:
             raise UsageError(f"--device {name}: {e}") from None
-    elif name is None:
-        try:
-            import torch_npu  # noqa: F401
-        except ImportError:
-            pass
-
     if name is None:
-        if torch.cuda.is_available():
-            return "cuda"
-        npu = getattr(torch, "npu", None)
-        if npu is not None and npu.is_available():
-            return "npu"
-        return "cpu"
+        from mxdit.kernels import default_device
+
+        return default_device()
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError) as e:

@@ -126,6 +126,7 @@ from mxdit.tools.calibrate import (
 )
 from mxdit.tools.quant_report import ActQuant, LayerReport, ReportMeta, SqnrAccumulator, random_activations, write_report
 from mxdit.tools.recipes import Recipe, RecipeError, canonical_scheme
+from mxdit.kernels import default_device
 from mxdit.tools.repack import EXPERT_SUBDIRS
 
 LAYOUTS = ("mindie", "ascendv1", "diffusers")
@@ -753,7 +754,7 @@ def quantize_model(model_path: str, output: str, options: Optional[QuantizeOptio
                    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> QuantizeResult:
     """Quantize ``model_path`` into ``output`` (see the module docstring).  Raises
     :class:`QuantizeError` for bad inputs, before anything is written."""
-    from mxdit.tools.fsutil import atomic_output_dir
+    from mxdit.fsutil import atomic_output_dir
 
     t0 = time.perf_counter()
     opts = options or QuantizeOptions()
@@ -855,13 +856,6 @@ def quantize_model(model_path: str, output: str, options: Optional[QuantizeOptio
 
 
 # ============================================================================ CLI
-def _default_device() -> str:
-    if torch.cuda.is_available():
-        return "cuda"
-    npu = getattr(torch, "npu", None)
-    if npu is not None and npu.is_available():
-        return "npu"
-    return "cpu"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -926,7 +920,7 @@ def run(args: argparse.Namespace) -> int:
                                   frames=args.calib_frames, seed=args.calib_seed, samples=args.calib_samples,
                                   image=args.calib_image),
         smooth=args.smooth, smooth_alpha=args.smooth_alpha, shard_size_gb=args.shard_size,
-        allow_non_block=args.allow_non_block, device=args.device or _default_device(),
+        allow_non_block=args.allow_non_block, device=args.device or default_device(),
         overwrite=args.overwrite, progress=not args.no_progress, report_plot=not args.no_plot,
     )
     try:

@@ -25,7 +25,7 @@ from mxdit.loader.safetensors_io import CheckpointFiles, SafetensorsFile, write_
 from mxdit.models.wan.config import MODEL_FACTS
 from mxdit.models.wan.names import is_original_layout
 from mxdit.quant.modelslim import HEADER_KEYS, find_description_file, find_weight_files, load_description, strip_modelslim_wrappers
-from mxdit.tools.fsutil import atomic_output_dir
+from mxdit.fsutil import atomic_output_dir
 
 MODEL_TYPES = ("Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B", "Wan2.2-TI2V-5B")
 EXPERT_SUBDIRS = {"transformer": "high_noise_model", "transformer_2": "low_noise_model"}

@@ -1,10 +1,12 @@
-"""Atomic outputs: build in a temporary sibling directory, rename at the end."""
+"""Atomic outputs: write to a temporary sibling, rename at the end (one place for the rule
+"tools never leave partial outputs").  Imports nothing from mxdit, so every layer may use it."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Iterator
 
 
@@ -42,4 +44,26 @@ def atomic_output_dir(path: str, *, overwrite: bool = False) -> Iterator[str]:
                 os.rmdir(d)
             except OSError:
                 break
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: "str | os.PathLike", suffix: str = ".tmp") -> Iterator[str]:
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block
+    succeeds (and is removed otherwise).  ``suffix`` keeps an extension that writers
+    such as ffmpeg look at."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output {path} is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=str(path.parent))
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
         raise

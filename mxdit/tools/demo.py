@@ -139,7 +139,9 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(compare_files([runs[n]["perf"] for n in runs]), end="")
         print("(Peak RSS is the demo process's peak so far: the runs share one process. On CPU the MX layers "
-              "run the reference backend, which emulates MX numerics: expect no speedup here.)")
+          "run the reference backend: fp32 GEMMs on exactly dequantized values, not low-precision hardware. "
+          "Times here compare CPU code paths (this CPU's BF16 matmul may be slower than its FP32 one); "
+          "MX speed comes from the NPU and GPU backends.)")
         print()
         print("#### 3. Quality vs BF16")
         print("| Variant | PSNR of decoded frames (dB) | Rel. error of final latents |")

@@ -72,8 +72,21 @@ def _top_parser() -> ArgumentParser:
     return p
 
 
+def _quiet_optional_imports() -> None:
+    """diffusers imports torchao when it is installed (a test dependency here); mxdit uses
+    none of torchao's compiled kernels, so skip loading them and their import-time noise."""
+    import logging
+    import os
+
+    os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    # diffusers 0.42.1 cannot import some torchao 0.18 classes it only needs for torchao checkpoints
+    logging.getLogger("diffusers.quantizers.torchao.torchao_quantizer").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mxdit`` script; returns the exit status."""
+    _quiet_optional_imports()
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
     if not argv:

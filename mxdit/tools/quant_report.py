@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
@@ -183,7 +184,9 @@ def render_png(path: str, meta: ReportMeta, layers: list[LayerReport]) -> None:
     if len(layers) <= 40:
         axes[1].set_xticks(range(len(layers)))
         axes[1].set_xticklabels([l.name for l in layers], rotation=90, fontsize=6)
-    fig.suptitle(f"{meta.title}: smoothing {meta.smoothing}; activations {meta.activations}", fontsize=9)
+    title = f"{meta.title}: smoothing {meta.smoothing}; activations {meta.activations}"
+    width_chars = int(fig.get_figwidth() * 72 / 9 * 1.6)  # ~characters per line at 9 pt
+    fig.suptitle("\n".join(textwrap.wrap(title, width_chars)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -200,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
         req.info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
         device=req.device, dtype=req.dtype, flow_shift=args.flow_shift,
     )
+    if args.quantization is None:
+        print(f"quantization: {pipe.quantization or 'none'} (detected)", file=sys.stderr)
     try:
         out = pipe(
             args.prompt, args.negative_prompt, image=args.image, height=args.height, width=args.width,

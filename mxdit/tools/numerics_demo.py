@@ -65,8 +65,9 @@ def _methods():
     ]
 
 
-def run(rows: int = 1024) -> str:
-    tensors = [("weight 5120x5120", realistic_weight()), (f"activation {rows}x5120", realistic_activation(rows))]
+def run(rows: int = 1024, width: int = 5120) -> str:
+    tensors = [(f"weight {width}x{width}", realistic_weight(width, width)),
+               (f"activation {rows}x{width}", realistic_activation(rows, width))]
     lines = [
         f"MX numerics on this machine (torch {torch.__version__}, {torch.get_num_threads()} threads)",
         "",

@@ -72,6 +72,7 @@ def _bad_cases(t2v, i2v, ti2v, tmp):
         (["--dtype", "int8"], t2v, "unknown --dtype"),
         (["--device", "cuda:99"], t2v, "--device"),
         (["--device", "npu"], t2v, "needs torch_npu (pip install torch-npu"),
+        (["--quantization", "modelslim"], t2v, "--quantization modelslim"),
         (["--output", str(tmp / "out.avi")], t2v, "must end in .mp4"),
         (["--output", str(tmp)], t2v, "is a directory"),
         (["--num-frames", "abc"], t2v, "invalid int value"),
@@ -262,3 +263,21 @@ def test_python_dash_m_entry_points(module, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("mxdit generate: error: --model-path:")
     assert "Traceback" not in proc.stderr
+
+
+def test_generate_checkpoint_problem_found_while_loading_is_one_clean_error(t2v_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(t2v_dir, model)
+    cfg_path = model / "transformer_2" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["ffn_dim"] = cfg["ffn_dim"] * 2  # the config no longer matches the tensors
+    cfg_path.write_text(json.dumps(cfg))
+    out = tmp_path / "o.mp4"
+    rc = main(["generate", "--model-path", str(model), "--prompt", "x", *SMALL, "--dtype", "fp32",
+               "--output", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "mxdit generate: error: checkpoint" in err and "does not match the model" in err and "ffn" in err
+    assert "Traceback" not in err and not out.exists()

@@ -124,6 +124,16 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
             raise UsageError(f"unknown --quantization {args.quantization!r} (choose from: {', '.join(methods)})")
     if args.transformer_weights_path is not None and not Path(args.transformer_weights_path).exists():
         raise UsageError(f"--transformer-weights-path {args.transformer_weights_path} does not exist")
+    if args.quantization == "modelslim":  # needs a description next to each expert's weights
+        from mxdit.quant.modelslim import DESCRIPTION_FILE, DESCRIPTION_GLOB
+
+        dirs = [Path(args.transformer_weights_path) if args.transformer_weights_path else info.path / "transformer"]
+        if info.boundary_ratio is not None:
+            dirs.append(info.path / "transformer_2")
+        for d_ in dirs:
+            if d_.is_dir() and not (d_ / DESCRIPTION_FILE).is_file() and not list(d_.glob(DESCRIPTION_GLOB)):
+                raise UsageError(f"--quantization modelslim: {d_} has no {DESCRIPTION_FILE} or {DESCRIPTION_GLOB} "
+                                 "(an msmodelslim export goes through 'mxdit repack' first)")
     if args.dtype.lower() not in DTYPES:
         raise UsageError(f"unknown --dtype {args.dtype!r} (choose from: bf16, fp16, fp32)")
     if not args.prompt.strip():
@@ -196,10 +206,14 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"loading {req.info.path} ({req.info.kind}) on {req.device}, "
           f"quantization={args.quantization or 'auto-detect'} ...", file=sys.stderr)
-    pipe = WanVideoPipeline.from_pretrained(
-        req.info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
-        device=req.device, dtype=req.dtype, flow_shift=args.flow_shift,
-    )
+    try:
+        pipe = WanVideoPipeline.from_pretrained(
+            req.info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
+            device=req.device, dtype=req.dtype, flow_shift=args.flow_shift,
+        )
+    except (FileNotFoundError, NotImplementedError, ValueError) as e:  # a checkpoint problem found while loading
+        print(f"mxdit generate: error: {e}", file=sys.stderr)
+        return 1
     if args.quantization is None:
         print(f"quantization: {pipe.quantization or 'none'} (detected)", file=sys.stderr)
     try:

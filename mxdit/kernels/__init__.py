@@ -2,8 +2,9 @@
 
 Selection: an explicit name (quant option ``backend=`` or the environment
 variable ``MXDIT_KERNEL_BACKEND``) wins; otherwise the weights' device decides:
-``npu`` -> the torch_npu backend, ``cuda`` -> Triton when it is importable,
-anything else -> the reference backend.
+``npu`` -> the torch_npu backend, ``cuda`` -> Triton when it is importable
+and the GPU has FP8 tensor cores (capability >= 8.9), anything else -> the
+reference backend.
 """
 from __future__ import annotations
 
@@ -71,11 +72,29 @@ def select_backend(device: torch.device | str, override: Optional[str] = None) -
     if dev.type == "npu":
         return get_backend("npu")
     if dev.type == "cuda" and "triton" in _BACKENDS:
-        try:
-            return get_backend("triton")
-        except ImportError:
-            pass
+        cap = torch.cuda.get_device_capability(dev)
+        if cap < TRITON_MIN_CAPABILITY:
+            _warn_once(f"cuda capability {cap[0]}.{cap[1]} has no FP8 tensor cores (needs >= 8.9): "
+                       "MX layers use the reference backend (correct, not fast)")
+        else:
+            try:
+                return get_backend("triton")
+            except ImportError:
+                _warn_once("triton is not installed: MX layers on CUDA use the reference backend (pip install triton)")
     return get_backend("reference")
+
+
+#: the Triton kernels run FP8 tensor-core dots: Ada (8.9), Hopper (9.0), Blackwell (10.x)
+TRITON_MIN_CAPABILITY = (8, 9)
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        import warnings
+
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 __all__ = [

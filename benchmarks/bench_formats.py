@@ -16,34 +16,17 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 import argparse
 import logging
 import platform
-import statistics
-import time
 import warnings
 
 import torch
 
+from _common import cpu_name, median_seconds
+
 import mxdit.formats as F
 
 
-def _bench(fn, reps):
-    fn()  # warm-up
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main():
@@ -65,7 +48,7 @@ def main():
     nbytes = x.numel() * x.element_size()
 
     print("## mxdit.formats quantize throughput vs torchao (CPU)\n")
-    print(f"- machine: {platform.machine()}, {_cpu_name()}, {os.cpu_count()} logical CPUs, "
+    print(f"- machine: {platform.machine()}, {cpu_name()}, {os.cpu_count()} logical CPUs, "
           f"{platform.system()} {platform.release()}")
     print(f"- python {platform.python_version()}, torch {torch.__version__} "
           f"(threads: {torch.get_num_threads()}), torchao {torchao.__version__}")
@@ -89,8 +72,8 @@ def main():
     print("| op | mxdit ms | mxdit GB/s | torchao baseline | torchao ms | torchao GB/s | mxdit/torchao |")
     print("|---|---:|---:|---|---:|---:|---:|")
     for name, ours, theirs, tname in rows:
-        t_o = _bench(ours, args.reps)
-        t_t = _bench(theirs, args.reps)
+        t_o = median_seconds(ours, args.reps, warmup=1)
+        t_t = median_seconds(theirs, args.reps, warmup=1)
         g_o, g_t = nbytes / t_o / 1e9, nbytes / t_t / 1e9
         print(f"| {name} | {t_o * 1e3:.1f} | {g_o:.3f} | {tname} | {t_t * 1e3:.1f} | {g_t:.3f} | "
               f"{g_o / g_t:.2f}x |")

@@ -24,10 +24,11 @@ os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 import argparse
 import platform
-import statistics
 import time
 
 import torch
+
+from _common import cpu_name, median_seconds
 import torch.nn.functional as Fn
 from torch import nn
 
@@ -38,26 +39,8 @@ METHODS = ("mxfp8", "mxfp4", "mxfp4_dual", "fp8")
 _WEIGHT_TENSORS = ("weight", "weight_scale", "weight_dual_scale")
 
 
-def _median_time(fn, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _cpu_flags() -> str:
@@ -97,7 +80,7 @@ def main() -> None:
 
     print(f"# bench_linear: [{m} x {k}] x [{k} x {n}], bf16 activations, bias, CPU reference backend")
     print(f"torch {torch.__version__}; torch threads: {torch.get_num_threads()}; "
-          f"CPU: {_cpu_name()} ({os.cpu_count()} logical cores; {_cpu_flags()})")
+          f"CPU: {cpu_name()} ({os.cpu_count()} logical cores; {_cpu_flags()})")
     try:
         print(f"load average at start: {os.getloadavg()[0]:.2f}")
     except OSError:
@@ -105,13 +88,13 @@ def main() -> None:
     print(f"timing: median of {args.reps} runs after {args.warmup} warm-up run(s)\n", flush=True)
 
     rows = []
-    t_bf16 = _median_time(lambda: Fn.linear(x, w, b), args.reps, args.warmup)
+    t_bf16 = median_seconds(lambda: Fn.linear(x, w, b), args.reps, args.warmup)
     bf16_bytes = w.numel() * w.element_size()
     rows.append(("bf16 F.linear", t_bf16, bf16_bytes, None))
     print(f"  bf16 F.linear: {t_bf16:.3f} s", flush=True)
     # the reference backend's own core is an fp32 GEMM on dequantized operands: show it too
     w32, b32, x32 = w.float(), b.float(), x.float()
-    t_fp32 = _median_time(lambda: Fn.linear(x32, w32, b32), args.reps, args.warmup)
+    t_fp32 = median_seconds(lambda: Fn.linear(x32, w32, b32), args.reps, args.warmup)
     rows.append(("fp32 F.linear", t_fp32, w32.numel() * w32.element_size(), None))
     print(f"  fp32 F.linear: {t_fp32:.3f} s", flush=True)
     del w32, b32, x32
@@ -125,7 +108,7 @@ def main() -> None:
         layer.process_weights_after_loading()
         t_load = time.perf_counter() - t0
         with torch.no_grad():
-            t = _median_time(lambda: layer(x), args.reps, args.warmup)
+            t = median_seconds(lambda: layer(x), args.reps, args.warmup)
             out = layer(x)
         assert out.dtype == torch.bfloat16 and tuple(out.shape) == (m, n)
         rows.append((method, t, _weight_bytes(layer), t_load))

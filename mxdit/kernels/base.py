@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from mxdit import formats as F
+from mxdit.formats import attention as FA
 
 
 class KernelBackend(ABC):
@@ -134,6 +135,27 @@ class KernelBackend(ABC):
             out = out + bias
         return out.to(out_dtype)
 
+    # ---- quantized attention (self-attention only; see mxdit.formats.attention) ----
+    def quantized_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        mode: str = "mxfp8",
+        softmax_scale: Optional[float] = None,
+        out_dtype: Optional[torch.dtype] = None,
+    ) -> torch.Tensor:
+        """Full attention from quantized operands: q, k, v [B, L, H, D] -> [B, Lq, H, D].
+
+        ``mode``: ``"mxfp8"`` (SGLang's MXFP8 FA, modes 6/6/8) or ``"fp8_block"``
+        (MindIE-SD's FP8 with fp32 per-block scales, modes 7/7/7).  The
+        reference computes it exactly from the dequantized operands with
+        :data:`mxdit.formats.attention.P_HANDLING` (fp32 P, fp32 accumulation).
+        """
+        qd, kd, vd = attention_operands(q, k, v, mode)
+        return FA.attention_fp32(qd, kd, vd, softmax_scale).to(out_dtype or q.dtype)
+
 
 FP8_MAX = 448.0
 _TINY = torch.finfo(torch.float32).tiny
@@ -173,3 +195,49 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def int8_gemm(xq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Exact int8 x int8 -> int32-valued GEMM (float64 accumulation is exact here: |sum| < 2^53)."""
     return xq.to(torch.float64) @ w.to(torch.float64).t()
+
+
+#: quantized attention modes (see KernelBackend.quantized_attention)
+ATTENTION_MODES = ("mxfp8", "fp8_block")
+#: MindIE-SD block_quant.py: tokens per fp32 scale for Q, K, V (each block spans all of head_dim)
+FP8_BLOCK_TOKENS = {"q": 128, "k": 256, "v": 256}
+
+
+def quantize_fp8_token_blocks(x: torch.Tensor, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, L, H, D] -> (fp8 [B, L, H, D], fp32 scale [B, H, ceil(L/tokens)]).
+
+    One scale per (b, h, ``tokens`` tokens x D): each block is one row for
+    :func:`quantize_fp8_per_token` (amax / 448); a short tail block is padded
+    with zeros, which changes no amax.
+    """
+    b, length, h, d = x.shape
+    xt = x.transpose(1, 2)  # [B, H, L, D]
+    pad = (-length) % tokens
+    if pad:
+        xt = torch.nn.functional.pad(xt, (0, 0, 0, pad))
+    nb = xt.shape[2] // tokens
+    q, scale = quantize_fp8_per_token(xt.reshape(b * h * nb, tokens * d))
+    q = q.reshape(b, h, nb * tokens, d)[:, :, :length].transpose(1, 2).contiguous()
+    return q, scale.reshape(b, h, nb)
+
+
+def dequantize_fp8_token_blocks(q: torch.Tensor, scale: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Inverse of :func:`quantize_fp8_token_blocks` in fp32."""
+    length = q.shape[1]
+    s = scale.repeat_interleave(tokens, dim=2)[:, :, :length]  # [B, H, L]
+    return q.to(torch.float32) * s.transpose(1, 2).unsqueeze(-1)
+
+
+def attention_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mode: str):
+    """The dequantized fp32 operands the quantized attention ``mode`` computes with."""
+    if mode == "mxfp8":
+        return FA.mxfp8_attention_operands(q, k, v)
+    if mode == "fp8_block":
+        out = []
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.dim() != 4:
+                raise ValueError(f"fp8_block attention expects {name} as [B, L, H, D], got {list(t.shape)}")
+            tq, ts = quantize_fp8_token_blocks(t, FP8_BLOCK_TOKENS[name])
+            out.append(dequantize_fp8_token_blocks(tq, ts, FP8_BLOCK_TOKENS[name]))
+        return tuple(out)
+    raise ValueError(f"unknown quantized attention mode {mode!r}; valid: {list(ATTENTION_MODES)}")

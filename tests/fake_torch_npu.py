@@ -7,8 +7,8 @@ Install it with ``monkeypatch.setitem(sys.modules, "torch_npu", fake_torch_npu)`
 Sources: ../shared/reference/ascend-npu-mx.md §0-2, sglang-diffusion-mx.md §3-5,
 the torch_npu API docs of npu_quantize / npu_quant_matmul (int8 dtype table).
 
-Not emulated (raise NotImplementedError rather than guess): quantization along
-a non-last axis, scale_alg 1/2, float4_e1m2 / hifloat8, padding of a short last
+Not emulated (raise NotImplementedError rather than guess): FP4 quantization
+along a non-last axis, scale_alg 1/2, float4_e1m2 / hifloat8, padding of a short last
 block (K not a multiple of the block), batched (>2-D) matmuls, int8 outputs,
 W4A8 pseudo-quant, offset / y_scale.  FRACTAL_NZ is a tag on the tensor object
 (``_npu_format``); its values and logical shape are unchanged, as in torch_npu.
@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from mxdit import formats as F
+from mxdit.formats import attention as FA
 from mxdit.kernels.base import quantize_int8_per_token
 
 __version__ = "0.0.0+mxdit.emulated"
@@ -140,8 +141,14 @@ def npu_dynamic_mx_quant(input, *, axis=-1, round_mode="rint", dst_type=float4_e
     ax = axis + x.dim() if axis < 0 else axis
     if not 0 <= ax < x.dim():
         _fail(op, f"axis {axis} out of range for a {x.dim()}-D input")
-    if ax != x.dim() - 1:
-        raise NotImplementedError(f"{op}: only the last axis is emulated")
+    if ax != x.dim() - 1 or (not fp4 and x.shape[-1] % block_size):
+        # FP8 along any axis, a short tail block allowed: blocks along `axis`, pairs interleaved
+        # for a non-last axis (ascend-npu-mx.md §1.1; mxdit.formats.attention.npu_scale_layout)
+        if fp4:
+            raise NotImplementedError(f"{op}: FP4 along a non-last axis is not emulated")
+        fmt = "fp8_e4m3" if dst == float8_e4m3fn else "fp8_e5m2"
+        qd, sc = FA.quantize_mx_along(x, ax, fmt, block_size)
+        return qd, FA.npu_scale_layout(sc, ax)
     k = x.shape[-1]
     if fp4 and k % 2:
         _fail(op, f"the last dimension must be even for FP4 output, got {k}")
@@ -509,3 +516,116 @@ def npu_dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=N
         raise NotImplementedError(f"{op}: dst_type {dst_type!r} is not emulated")
     q, s = quantize_int8_per_token(x.reshape(-1, x.shape[-1]))
     return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+# ---- fused infer attention (MXFP8, modes 6/6/8; BF16 fallback) --------------------
+
+FIA_QUANT_MODES = {"query_quant_mode": 6, "key_quant_mode": 6, "value_quant_mode": 8}
+
+
+def _cum_lengths(x: Any, op: str, what: str, total: int) -> list[int]:
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.dim() != 1:
+        _fail(op, f"{what} must be a 1-D int64 tensor of cumulative lengths")
+    vals = [int(i) for i in x.tolist()]
+    if not vals or vals[-1] != total or any(b <= a for a, b in zip([0] + vals[:-1], vals)):
+        _fail(op, f"{what} must be strictly increasing cumulative lengths ending at T={total}, got {vals}")
+    return vals
+
+
+def npu_fused_infer_attention_score_v2(query, key, value, *, input_layout, num_query_heads, num_key_value_heads,
+                                       softmax_scale, dequant_scale_query, dequant_scale_key, dequant_scale_value,
+                                       actual_seq_qlen, actual_seq_kvlen, sparse_mode, query_quant_mode,
+                                       key_quant_mode, value_quant_mode, query_dtype, key_dtype, value_dtype,
+                                       dequant_scale_query_dtype, dequant_scale_key_dtype,
+                                       dequant_scale_value_dtype, out_dtype):
+    """The MXFP8 call SGLang makes (mx-attention.md §1): TND FP8 operands, E8M0 scale pairs,
+    modes 6/6/8.  Computes mxdit.formats.attention.P_HANDLING (fp32 P, unquantized) per sequence."""
+    op = "npu_fused_infer_attention_score_v2"
+    q, k, v = (_tensor(t, op, n) for t, n in ((query, "query"), (key, "key"), (value, "value")))
+    CALLS.append((op, dict(query=query, key=key, value=value, input_layout=input_layout,
+                           num_query_heads=num_query_heads, num_key_value_heads=num_key_value_heads,
+                           softmax_scale=softmax_scale, dequant_scale_query=dequant_scale_query,
+                           dequant_scale_key=dequant_scale_key, dequant_scale_value=dequant_scale_value,
+                           actual_seq_qlen=actual_seq_qlen, actual_seq_kvlen=actual_seq_kvlen,
+                           sparse_mode=sparse_mode, query_quant_mode=query_quant_mode,
+                           key_quant_mode=key_quant_mode, value_quant_mode=value_quant_mode,
+                           query_dtype=query_dtype, key_dtype=key_dtype, value_dtype=value_dtype,
+                           dequant_scale_query_dtype=dequant_scale_query_dtype,
+                           dequant_scale_key_dtype=dequant_scale_key_dtype,
+                           dequant_scale_value_dtype=dequant_scale_value_dtype, out_dtype=out_dtype)))
+    if input_layout != "TND":
+        _fail(op, f"input_layout must be 'TND' for the MX-quantized path, got {input_layout!r}")
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.dim() != 3:
+            _fail(op, f"{name} must be [T, N, D] for TND, got shape {list(t.shape)}")
+        if t.dtype != torch.float8_e4m3fn:
+            _fail(op, f"{name} dtype must be float8_e4m3fn, got {t.dtype}")
+        if not t.is_contiguous():
+            _fail(op, f"{name} must be contiguous")
+    for name, d in (("query_dtype", query_dtype), ("key_dtype", key_dtype), ("value_dtype", value_dtype)):
+        if _dtype_id(d, op, name) != float8_e4m3fn:
+            _fail(op, f"{name} must be float8_e4m3fn, got {d!r}")
+    for name, d in (("dequant_scale_query_dtype", dequant_scale_query_dtype),
+                    ("dequant_scale_key_dtype", dequant_scale_key_dtype),
+                    ("dequant_scale_value_dtype", dequant_scale_value_dtype)):
+        if _dtype_id(d, op, name) != float8_e8m0fnu:
+            _fail(op, f"{name} must be float8_e8m0fnu (293), got {d!r}")
+    modes = dict(query_quant_mode=query_quant_mode, key_quant_mode=key_quant_mode, value_quant_mode=value_quant_mode)
+    for name, want in FIA_QUANT_MODES.items():
+        if modes[name] != want:
+            _fail(op, f"{name} must be {want} for MXFP8 (Q/K per 32 along D, V per 32 tokens), got {modes[name]!r}")
+    if sparse_mode != 0:
+        _fail(op, f"sparse_mode must be 0 (no mask), got {sparse_mode!r}")
+    t_q, n, d = q.shape
+    t_k = k.shape[0]
+    if num_query_heads != n or num_key_value_heads != k.shape[1]:
+        _fail(op, f"num_query_heads/num_key_value_heads ({num_query_heads}, {num_key_value_heads}) must equal "
+                  f"the head dims of query/key ({n}, {k.shape[1]})")
+    if k.shape[1] != n:
+        _fail(op, "MX-quantized attention needs as many key/value heads as query heads")
+    if k.shape != v.shape or k.shape[2] != d:
+        _fail(op, f"key and value must both be [T_kv, N, {d}], got {list(k.shape)} and {list(v.shape)}")
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, float):
+        _fail(op, f"softmax_scale must be a float, got {softmax_scale!r}")
+    if out_dtype not in (torch.bfloat16, torch.float16):
+        _fail(op, f"out_dtype must be bfloat16 or float16, got {out_dtype!r}")
+    nd = _ceil(d, 32)
+    want_shapes = {"dequant_scale_query": (t_q, n, _ceil(nd, 2), 2), "dequant_scale_key": (t_k, n, _ceil(nd, 2), 2),
+                   "dequant_scale_value": (_ceil(_ceil(t_k, 32), 2), n, d, 2)}
+    scales = {"dequant_scale_query": dequant_scale_query, "dequant_scale_key": dequant_scale_key,
+              "dequant_scale_value": dequant_scale_value}
+    for name, sc in scales.items():
+        _tensor(sc, op, name)
+        if sc.dtype != torch.uint8 or tuple(sc.shape) != want_shapes[name]:
+            _fail(op, f"{name} must be uint8 {list(want_shapes[name])}, got {sc.dtype} {list(sc.shape)}")
+    cq = _cum_lengths(actual_seq_qlen, op, "actual_seq_qlen", t_q)
+    ck = _cum_lengths(actual_seq_kvlen, op, "actual_seq_kvlen", t_k)
+    if len(cq) != len(ck):
+        _fail(op, "actual_seq_qlen and actual_seq_kvlen must describe the same batch")
+    qd = FA.dequantize_mx_along(q, FA.npu_scale_unlayout(dequant_scale_query, -1, nd), -1)
+    kd = FA.dequantize_mx_along(k, FA.npu_scale_unlayout(dequant_scale_key, -1, nd), -1)
+    vd = FA.dequantize_mx_along(v, FA.npu_scale_unlayout(dequant_scale_value, 0, _ceil(t_k, 32)), 0)
+    out = torch.empty(t_q, n, d, dtype=torch.float32)
+    for (q0, q1), (k0, k1) in zip(zip([0] + cq[:-1], cq), zip([0] + ck[:-1], ck)):
+        out[q0:q1] = FA.attention_fp32(qd[None, q0:q1], kd[None, k0:k1], vd[None, k0:k1], softmax_scale)[0]
+    return out.to(out_dtype), torch.empty(0)
+
+
+def npu_fused_infer_attention_score(query, key, value, *, num_heads, num_key_value_heads, scale, input_layout,
+                                    softmax_lse_flag=False, atten_mask=None):
+    """The BF16 fallback SGLang calls (BNSD): softmax(Q K^T * scale) V in fp32, output in query's dtype."""
+    op = "npu_fused_infer_attention_score"
+    q, k, v = (_tensor(t, op, n) for t, n in ((query, "query"), (key, "key"), (value, "value")))
+    CALLS.append((op, dict(shape=tuple(q.shape), input_layout=input_layout, num_heads=num_heads,
+                           num_key_value_heads=num_key_value_heads, scale=scale, atten_mask=atten_mask)))
+    if input_layout != "BNSD":
+        _fail(op, f"only input_layout 'BNSD' is emulated, got {input_layout!r}")
+    if q.dim() != 4 or q.shape[1] != num_heads or k.shape[1] != num_key_value_heads:
+        _fail(op, f"BNSD query/key must be [B, N, S, D] with N = num_heads/num_key_value_heads, "
+                  f"got {list(q.shape)} / {list(k.shape)}")
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        _fail(op, f"query/key/value must share a bfloat16/float16 dtype, got {q.dtype}/{k.dtype}/{v.dtype}")
+    if atten_mask is not None or softmax_lse_flag:
+        raise NotImplementedError(f"{op}: masks and LSE are not emulated")
+    out = FA.attention_fp32(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), float(scale))
+    return out.transpose(1, 2).to(q.dtype), torch.empty(0)

@@ -366,3 +366,86 @@ __all__ = [
     "NPUBackend", "NPUUnavailableError", "NPUMXWeight", "NPUDualWeight", "check_npu_available", "is_npu_device",
     "INSTALL_HINT", "ACL_FORMAT_FRACTAL_NZ",
 ]
+
+
+# ---- MXFP8 attention (SGLang v0.5.23 ascend_fa.py; mx-attention.md §1) ---------------
+
+#: heads per npu_fused_infer_attention_score_v2 call (SGLang's env var, default 4)
+MXFP8_FA_HEAD_CHUNK_ENV = "SGLANG_DIFFUSION_MXFP8_FA_HEAD_CHUNK_SIZE"
+MXFP8_FA_HEAD_CHUNK_DEFAULT = 4
+#: query / key / value quant modes of the MXFP8 FA call
+MXFP8_FA_QUANT_MODES = (6, 6, 8)
+#: SGLang runs the MXFP8 path only when the packed token count is a multiple of this
+MXFP8_FA_TOKEN_MULTIPLE = 64
+
+
+def mxfp8_fa_head_chunk() -> int:
+    """Heads per fused-attention call from ``SGLANG_DIFFUSION_MXFP8_FA_HEAD_CHUNK_SIZE`` (default 4)."""
+    import os
+
+    raw = os.environ.get(MXFP8_FA_HEAD_CHUNK_ENV, "").strip()
+    if not raw:
+        return MXFP8_FA_HEAD_CHUNK_DEFAULT
+    try:
+        val = int(raw)
+    except ValueError:
+        val = 0
+    if val <= 0:
+        raise ValueError(f"{MXFP8_FA_HEAD_CHUNK_ENV} must be a positive integer, got {raw!r}")
+    return val
+
+
+def mxfp8_fa_eligible(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """SGLang's gate (BSND): same (S, N) for q and k, k.shape == v.shape, (B*S) % 64 == 0."""
+    return (q.shape[1:3] == k.shape[1:3] and k.shape == v.shape
+            and (q.shape[0] * q.shape[1]) % MXFP8_FA_TOKEN_MULTIPLE == 0)
+
+
+def _npu_quantized_attention(self, q, k, v, *, mode="mxfp8", softmax_scale=None, out_dtype=None):
+    """MXFP8: SGLang's call per head chunk; BF16 fused attention where SGLang falls back.
+
+    ``fp8_block`` (MindIE-SD, modes 7/7/7) runs the reference numerics on the
+    tensors' device: its ``npu_dynamic_quant`` block call is not reproduced here.
+    """
+    if mode != "mxfp8":
+        return KernelBackend.quantized_attention(self, q, k, v, mode=mode, softmax_scale=softmax_scale,
+                                                 out_dtype=out_dtype)
+    t = _torch_npu()
+    b, s, n, d = q.shape
+    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
+    out_dtype = out_dtype or q.dtype
+    if not mxfp8_fa_eligible(q, k, v):
+        from mxdit.kernels import _warn_once
+
+        _warn_once(f"MXFP8 attention: B*S = {b * s} is not a multiple of {MXFP8_FA_TOKEN_MULTIPLE} (or q/k/v "
+                   "shapes differ): BF16 npu_fused_infer_attention_score is used instead, as SGLang does")
+        out, _ = t.npu_fused_infer_attention_score(
+            q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(),
+            num_heads=n, num_key_value_heads=k.shape[2], scale=scale, input_layout="BNSD",
+            softmax_lse_flag=False, atten_mask=None)
+        return out.transpose(1, 2).to(out_dtype)
+    seq_q = torch.arange(s, s * (b + 1), s, dtype=torch.int64, device=q.device)
+    seq_kv = torch.arange(k.shape[1], k.shape[1] * (b + 1), k.shape[1], dtype=torch.int64, device=k.device)
+    qt, kt, vt = (x.reshape(-1, x.shape[2], d) for x in (q, k, v))
+    chunk = mxfp8_fa_head_chunk()
+    groups = [chunk] * (n // chunk) + ([n % chunk] if n % chunk else [])
+    fp8, e8m0 = torch.float8_e4m3fn, t.float8_e8m0fnu
+    qm, km, vm = MXFP8_FA_QUANT_MODES
+    outs = []
+    for qc, kc, vc in zip(qt.split(groups, dim=1), kt.split(groups, dim=1), vt.split(groups, dim=1)):
+        qc, kc, vc = qc.contiguous(), kc.contiguous(), vc.contiguous()
+        q8, qs = t.npu_dynamic_mx_quant(qc, dst_type=fp8, axis=-1)
+        k8, ks = t.npu_dynamic_mx_quant(kc, dst_type=fp8, axis=-1)
+        v8, vs = t.npu_dynamic_mx_quant(vc, dst_type=fp8, axis=0)
+        outs.append(t.npu_fused_infer_attention_score_v2(
+            q8, k8, v8, input_layout="TND", num_query_heads=qc.shape[1], num_key_value_heads=kc.shape[1],
+            softmax_scale=scale, dequant_scale_query=qs, dequant_scale_key=ks, dequant_scale_value=vs,
+            actual_seq_qlen=seq_q, actual_seq_kvlen=seq_kv, sparse_mode=0,
+            query_quant_mode=qm, key_quant_mode=km, value_quant_mode=vm,
+            query_dtype=fp8, key_dtype=fp8, value_dtype=fp8,
+            dequant_scale_query_dtype=e8m0, dequant_scale_key_dtype=e8m0, dequant_scale_value_dtype=e8m0,
+            out_dtype=q.dtype)[0])
+    return torch.cat(outs, dim=1).reshape(b, s, n, d).to(out_dtype)
+
+
+NPUBackend.quantized_attention = _npu_quantized_attention

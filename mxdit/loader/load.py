@@ -20,6 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from mxdit.layers.attention import resolve_attention_quantization
 from mxdit.layers.linear import QuantLinear
 from mxdit.loader.checkpoint import TransformerCheckpoint, open_checkpoint
 from mxdit.models.wan.config import WanTransformerConfig
@@ -89,6 +90,7 @@ def load_transformer(
     dtype: torch.dtype = torch.bfloat16,
     config: Optional[WanTransformerConfig | dict] = None,
     progress: bool = True,
+    attention_quantization: Optional[str] = None,
     **quant_options: Any,
 ) -> WanTransformer3DModel:
     """Load a Wan2.x transformer directory (diffusers, original Wan, msmodelslim export or repacked).
@@ -101,12 +103,17 @@ def load_transformer(
         device: where the weights go (and where online quantization runs).
         dtype: dtype of the floating parameters (fp32-kept modules stay fp32).
         config: override the architecture (default: config.json or inferred).
+        attention_quantization: quantized self-attention ("mxfp8", "mxfp8_rotated",
+            "fp8_block", "fp8_block_rotated"; "none"); None: the environment
+            variable SGLANG_DIFFUSION_ENABLE_MXFP8_ATTENTION (truthy -> "mxfp8_rotated"),
+            else BF16 (see :mod:`mxdit.layers.attention`).  Cross-attention stays BF16.
         quant_options: method options — include / ignore (glob patterns on layer
             names; online default: the block linears), quantize_proj_out,
             act_round_mode, scale_mode, smooth_in_quant, backend.
     Returns the model in eval mode, with ``.load_report`` and ``.quant_config``.
     """
     t0 = time.perf_counter()
+    attn_mode = resolve_attention_quantization(attention_quantization)  # bad values fail before any I/O
     device = torch.device(device)
     if device.type == "npu":
         from mxdit.kernels.npu import check_npu_available
@@ -178,4 +185,5 @@ def load_transformer(
     report.parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     report.seconds = time.perf_counter() - t0
     model.load_report = report
+    model.set_attention_quantization(attn_mode)
     return model

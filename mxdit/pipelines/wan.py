@@ -343,6 +343,7 @@ class WanVideoPipeline:
         text_encoder_dtype: torch.dtype | None = None,
         vae_dtype: torch.dtype = torch.float32,
         flow_shift: float | None = None,
+        attention_quantization: str | None = None,
         **quant_options: Any,
     ) -> "WanVideoPipeline":
         """Load a diffusers-layout Wan model directory.
@@ -354,7 +355,10 @@ class WanVideoPipeline:
         only (SGLang semantics: ``transformer_2`` keeps its own directory).  The text
         encoder runs in ``text_encoder_dtype`` (default ``dtype``), the VAE in ``vae_dtype``
         (default float32, as diffusers' and Wan's reference scripts).  ``flow_shift``
-        overrides the scheduler config's.  ``quant_options`` go to the loader as they are
+        overrides the scheduler config's.  ``attention_quantization`` quantizes both
+        experts' self-attention ("mxfp8", "mxfp8_rotated", "fp8_block",
+        "fp8_block_rotated", "none"; None: SGLANG_DIFFUSION_ENABLE_MXFP8_ATTENTION, see
+        :mod:`mxdit.layers.attention`).  ``quant_options`` go to the loader as they are
         (e.g. ``ignore=[...]`` for the quantization, ``progress=False`` for
         ``mxdit.load_transformer``).
         """
@@ -362,6 +366,9 @@ class WanVideoPipeline:
         import transformers
         from transformers import AutoTokenizer
 
+        from mxdit.layers.attention import resolve_attention_quantization
+
+        attn_mode = resolve_attention_quantization(attention_quantization)
         info: ModelDirInfo = inspect_model_dir(model_dir)
         root = info.path
         device = torch.device(device)
@@ -401,6 +408,11 @@ class WanVideoPipeline:
         for m in (transformer, transformer_2):
             if m is not None and hasattr(m, "eval"):
                 m.eval()
+            if m is not None and attn_mode is not None:
+                if not hasattr(m, "set_attention_quantization"):
+                    raise TypeError(f"attention_quantization={attn_mode!r}: the loaded transformer "
+                                    f"({type(m).__name__}) has no set_attention_quantization()")
+                m.set_attention_quantization(attn_mode)
         load_ms = (time.perf_counter() - t0) * 1e3
 
         return cls(

@@ -144,6 +144,10 @@ class WanAttention(nn.Module):
             self.add_k_proj = factory.linear(added_kv_proj_dim, inner, f"{prefix}.add_k_proj")
             self.add_v_proj = factory.linear(added_kv_proj_dim, inner, f"{prefix}.add_v_proj")
             self.norm_added_k = factory.rms_norm(inner, eps, f"{prefix}.norm_added_k")
+        # quantized self-attention (mxdit.layers.attention): the mode, and a checkpoint's offline rotations
+        self.attention_quantization: Optional[str] = None
+        self.register_buffer("q_rot", None)
+        self.register_buffer("k_rot", None)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(2, (self.heads, -1))
@@ -163,7 +167,8 @@ class WanAttention(nn.Module):
             query = apply_rotary_emb(query, *rotary_emb)
             key = apply_rotary_emb(key, *rotary_emb)
 
-        out = attention(query, key, value).flatten(2, 3).type_as(query)
+        out = attention(query, key, value, backend=self.attention_quantization, self_attention=encoder_hidden_states is None,
+                        q_rot=self.q_rot, k_rot=self.k_rot).flatten(2, 3).type_as(query)
         if encoder_hidden_states_image is not None:
             if self.add_k_proj is None:
                 raise ValueError("image context given to an attention layer without add_k_proj/add_v_proj "
@@ -393,6 +398,19 @@ class WanTransformer3DModel(nn.Module):
                 yield name, module
 
     @torch.no_grad()
+    def set_attention_quantization(self, mode: Optional[str]) -> "WanTransformer3DModel":
+        """Quantize every block's self-attention (``attn1``) with ``mode`` (a name of
+        :data:`mxdit.layers.attention.QUANTIZED_ATTENTION_MODES`), or None for BF16.
+        Cross-attention (``attn2``) is never quantized."""
+        from mxdit.layers.attention import QUANTIZED_ATTENTION_MODES
+
+        if mode is not None and mode not in QUANTIZED_ATTENTION_MODES:
+            raise ValueError(f"unknown attention quantization {mode!r}; valid: {sorted(QUANTIZED_ATTENTION_MODES)}")
+        for block in self.blocks:
+            block.attn1.attention_quantization = mode
+        self.attention_quantization = mode
+        return self
+
     def init_random_weights_(self, std: float = 0.02, seed: int = 0) -> "WanTransformer3DModel":
         """Fill every floating parameter with ``N(0, std)`` (norm weights ``1 + N(0, std)``); for tests."""
         g = torch.Generator().manual_seed(seed)

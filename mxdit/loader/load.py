@@ -106,7 +106,10 @@ def load_transformer(
         attention_quantization: quantized self-attention ("mxfp8", "mxfp8_rotated",
             "fp8_block", "fp8_block_rotated"; "none"); None: the environment
             variable SGLANG_DIFFUSION_ENABLE_MXFP8_ATTENTION (truthy -> "mxfp8_rotated"),
-            else BF16 (see :mod:`mxdit.layers.attention`).  Cross-attention stays BF16.
+            else what an msmodelslim W8A8F8 / W4A4F8 description says (attentions labelled
+            ``<attn>.quant_type: FP8_DYNAMIC`` -> "mxfp8", with the checkpoint's q_rot /
+            k_rot), else BF16 (see :mod:`mxdit.layers.attention`).  An explicit value applies
+            to every self-attention.  Cross-attention stays BF16.
         quant_options: method options — include / ignore (glob patterns on layer
             names; online default: the block linears), quantize_proj_out,
             act_round_mode, scale_mode, smooth_in_quant, backend.
@@ -127,7 +130,8 @@ def load_transformer(
         raise RuntimeError("internal: the Wan model has buffers; the streaming loader expects parameters only")
 
     # ---- 1. validate names, shapes and dtypes from the headers -------------------------
-    unexpected = sorted(ckpt.names[m] for m in ckpt.names if m not in params)
+    rotations = _rotation_names(model, ckpt, path)
+    unexpected = sorted(ckpt.names[m] for m in ckpt.names if m not in params and m not in rotations)
     missing, mismatched = [], []
     for pname, p in params.items():
         if pname not in ckpt.names:
@@ -179,6 +183,11 @@ def load_transformer(
                     if device.type == "cpu":
                         _release_freed_memory()
                     report.layers_quantized[module.quant_method.name] = report.layers_quantized.get(module.quant_method.name, 0) + 1
+        for rname, (attn, attr) in sorted(rotations.items()):
+            t = ckpt.files.read(ckpt.names[rname], device)
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: rotation '{ckpt.names[rname]}' holds NaN or Inf")
+            setattr(attn, attr, t.contiguous())
     bar.close()
     ckpt.files.close()
     model.eval()
@@ -186,4 +195,43 @@ def load_transformer(
     report.seconds = time.perf_counter() - t0
     model.load_report = report
     model.set_attention_quantization(attn_mode)
+    if attention_quantization is None and attn_mode is None and qc is not None and getattr(qc, "attention_quant", None):
+        # W8A8F8 / W4A4F8: the description labels the attentions msmodelslim quantized (FP8_DYNAMIC)
+        for prefix in qc.attention_quant:
+            model.get_submodule(prefix).attention_quantization = CHECKPOINT_ATTENTION_MODE
+        model.attention_quantization = CHECKPOINT_ATTENTION_MODE
     return model
+
+
+#: the mode for attentions an msmodelslim description labels FP8_DYNAMIC (SGLang's MXFP8 FA;
+#: the checkpoint's q_rot / k_rot are applied where present)
+CHECKPOINT_ATTENTION_MODE = "mxfp8"
+_ROTATION_ATTRS = ("q_rot", "k_rot")
+
+
+def _rotation_names(model: WanTransformer3DModel, ckpt: TransformerCheckpoint, path: str) -> dict[str, tuple[nn.Module, str]]:
+    """Checkpoint ``blocks.N.attn1.{q_rot,k_rot}`` -> (the WanAttention, attribute), validated from headers."""
+    from mxdit.models.wan.transformer import WanAttention
+
+    out: dict[str, tuple[nn.Module, str]] = {}
+    for m in ckpt.names:
+        owner, _, attr = m.rpartition(".")
+        if attr not in _ROTATION_ATTRS:
+            continue
+        try:
+            attn = model.get_submodule(owner)
+        except AttributeError:
+            attn = None
+        if not isinstance(attn, WanAttention) or not owner.endswith(".attn1"):
+            raise ValueError(f"{path}: rotation tensor '{ckpt.names[m]}' belongs to no self-attention layer")
+        info = ckpt.files.info(ckpt.names[m])
+        d = attn.head_dim
+        if tuple(info.shape) != (d, d) or not info.dtype.is_floating_point:
+            raise ValueError(f"{path}: rotation '{ckpt.names[m]}' must be a float [{d}, {d}] tensor, "
+                             f"got {info.dtype} {list(info.shape)}")
+        out[m] = (attn, attr)
+    for m, (attn, attr) in out.items():
+        other = m.rpartition(".")[0] + "." + ("k_rot" if attr == "q_rot" else "q_rot")
+        if other not in out:
+            raise ValueError(f"{path}: '{ckpt.names[m]}' has no matching '{other.rpartition('.')[2]}'")
+    return out

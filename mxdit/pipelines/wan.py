@@ -408,7 +408,7 @@ class WanVideoPipeline:
         for m in (transformer, transformer_2):
             if m is not None and hasattr(m, "eval"):
                 m.eval()
-            if m is not None and attn_mode is not None:
+            if m is not None and (attention_quantization is not None or attn_mode is not None):
                 if not hasattr(m, "set_attention_quantization"):
                     raise TypeError(f"attention_quantization={attn_mode!r}: the loaded transformer "
                                     f"({type(m).__name__}) has no set_attention_quantization()")

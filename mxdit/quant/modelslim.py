@@ -36,6 +36,17 @@ HEADER_KEYS = {
 }
 LABELS = {"FLOAT", "W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W8A8", "W8A8_DYNAMIC"}
 
+#: description keys that label a module, not a tensor: ``<attn>.quant_type`` ("FP8_DYNAMIC":
+#: msmodelslim's FA3 dynamic quantization of that attention, W8A8F8 / W4A4F8)
+DESCRIPTION_ONLY_SUFFIXES = (".quant_type",)
+ATTENTION_QUANT_LABELS = {"FP8_DYNAMIC"}
+
+
+def is_description_only(key: str) -> bool:
+    """True for description keys that name no tensor (``<attn>.quant_type``)."""
+    return key.endswith(DESCRIPTION_ONLY_SUFFIXES)
+
+
 _WRAPPER_RE = re.compile(r"\.(linear|div)(?=\.)")
 
 
@@ -118,6 +129,7 @@ class ModelSlimConfig(QuantConfig):
         self.labels: dict[str, str] = {}  # model tensor name -> label
         self.original_names: dict[str, str] = {}  # model tensor name -> name in the checkpoint
         self.smoothed: set[str] = set()  # model layer prefixes with a mul_scale
+        self.attention_quant: dict[str, str] = {}  # model attention prefix -> FA label (FP8_DYNAMIC)
         for key, label in description.items():
             if key in self.header:
                 continue
@@ -128,6 +140,10 @@ class ModelSlimConfig(QuantConfig):
                 raise ValueError(f"{source}: '{key}' and '{self.original_names[name]}' both map to '{name}'")
             self.labels[name] = label
             self.original_names[name] = key
+            if is_description_only(name):
+                if label not in ATTENTION_QUANT_LABELS:
+                    raise ValueError(f"{source}: '{key}' is '{label}'; mxdit knows {sorted(ATTENTION_QUANT_LABELS)}")
+                self.attention_quant[name[: -len(".quant_type")]] = label
             if name.endswith(".mul_scale"):  # <p>.div.mul_scale (export) or <p>.mul_scale (repacked)
                 self.smoothed.add(name[: -len(".mul_scale")])
 

@@ -24,7 +24,9 @@ from mxdit.loader.checkpoint import model_name, model_name_map
 from mxdit.loader.safetensors_io import CheckpointFiles, SafetensorsFile, write_safetensors
 from mxdit.models.wan.config import MODEL_FACTS
 from mxdit.models.wan.names import is_original_layout
-from mxdit.quant.modelslim import HEADER_KEYS, find_description_file, find_weight_files, load_description, strip_modelslim_wrappers
+from mxdit.quant.modelslim import (
+    HEADER_KEYS, find_description_file, find_weight_files, is_description_only, load_description, strip_modelslim_wrappers,
+)
 from mxdit.fsutil import atomic_output_dir
 
 MODEL_TYPES = ("Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B", "Wan2.2-TI2V-5B")
@@ -64,7 +66,7 @@ class _Plan:
             if missing:
                 raise ValueError(f"'{self.desc_path}' has no label for tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}")
             ghosts = sorted(k for k, v in desc.items() if isinstance(v, str) and k not in HEADER_KEYS
-                            and model_name(k, original) not in self.renamed)
+                            and not is_description_only(k) and model_name(k, original) not in self.renamed)
             if ghosts:
                 raise ValueError(
                     f"'{self.desc_path}' names tensors that are not in the weight files: {ghosts[:10]}{' ...' if len(ghosts) > 10 else ''}"

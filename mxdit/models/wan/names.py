@@ -53,6 +53,11 @@ RENAME_TABLE: tuple[tuple[str, str], ...] = (
     ("blocks.{i}.self_attn.o", "blocks.{i}.attn1.to_out.0"),
     ("blocks.{i}.self_attn.norm_q", "blocks.{i}.attn1.norm_q"),
     ("blocks.{i}.self_attn.norm_k", "blocks.{i}.attn1.norm_k"),
+    # msmodelslim W8A8F8 / W4A4F8: the offline q/k rotations (buffers) and the FA quant label
+    # (a description key, no tensor).  Whole-component rules: never ``attn1.to_q_rot`` (SGLang's repack).
+    ("blocks.{i}.self_attn.q_rot", "blocks.{i}.attn1.q_rot"),
+    ("blocks.{i}.self_attn.k_rot", "blocks.{i}.attn1.k_rot"),
+    ("blocks.{i}.self_attn.quant_type", "blocks.{i}.attn1.quant_type"),
     ("blocks.{i}.cross_attn.q", "blocks.{i}.attn2.to_q"),
     ("blocks.{i}.cross_attn.k", "blocks.{i}.attn2.to_k"),
     ("blocks.{i}.cross_attn.v", "blocks.{i}.attn2.to_v"),

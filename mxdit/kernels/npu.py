@@ -41,6 +41,15 @@ W8A8_DYNAMIC           ``npu_dynamic_quant(x)`` then ``npu_quant_matmul(xq,
                        w.T, weight_scale, pertoken_scale, bias, output_dtype)``.
 fp8 (per channel)      no NPU op here: the reference implementation (on the
                        tensors' device).
+MXFP8 attention        SGLang's ``ascend_fa.py``: BSND -> TND [B*S, N, D],
+(self-attention)       per head chunk (``SGLANG_DIFFUSION_MXFP8_FA_HEAD_CHUNK_SIZE``,
+                       default 4) ``npu_dynamic_mx_quant(x, dst_type=float8_e4m3fn,
+                       axis=-1)`` for q, k, ``axis=0`` for v, then
+                       ``npu_fused_infer_attention_score_v2(..., input_layout="TND",
+                       quant modes 6/6/8, e8m0 scale dtypes, actual_seq_qlen/kvlen
+                       cumulative)``; BF16 ``npu_fused_infer_attention_score`` (BNSD)
+                       unless (B*S) % 64 == 0 and q/k/v shapes agree.  fp8_block
+                       (MindIE-SD): the reference numerics on the device.
 =====================  ==========================================================
 
 The reference docs disagree on the static int8 call: SGLang / vllm-ascend pass
@@ -193,6 +202,10 @@ class NPUBackend(KernelBackend):
         except NPUUnavailableError:
             return False
         return True
+
+    def quantized_attention(self, q, k, v, *, mode="mxfp8", softmax_scale=None, out_dtype=None):
+        """MXFP8 attention as SGLang calls it (see :func:`_npu_quantized_attention`)."""
+        return _npu_quantized_attention(self, q, k, v, mode=mode, softmax_scale=softmax_scale, out_dtype=out_dtype)
 
     @staticmethod
     def _mx_dst(t, fmt: F.ElementFormat):
@@ -447,5 +460,3 @@ def _npu_quantized_attention(self, q, k, v, *, mode="mxfp8", softmax_scale=None,
             out_dtype=q.dtype)[0])
     return torch.cat(outs, dim=1).reshape(b, s, n, d).to(out_dtype)
 
-
-NPUBackend.quantized_attention = _npu_quantized_attention

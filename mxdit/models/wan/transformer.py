@@ -388,6 +388,7 @@ class WanTransformer3DModel(nn.Module):
         self.norm_out = factory.layer_norm(dim, config.eps, "norm_out", elementwise_affine=False)
         self.proj_out = factory.linear(dim, config.out_dim * config.patch_volume, "proj_out")
         self.scale_shift_table = factory.parameter((1, 2, dim), "scale_shift_table")
+        self.attention_quantization: Optional[str] = None  # see set_attention_quantization
         self.requires_grad_(False)  # inference only
 
     # -------------------------------------------------------------------------- helpers

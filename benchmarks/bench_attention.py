@@ -16,10 +16,12 @@ All in BF16, seeded.
 Table 2 (speed): the quantized attention of the selected kernel backend against
 ``F.scaled_dot_product_attention`` in BF16 measured in the same run (ratio = SDPA time /
 mode time; > 1 means faster than SDPA).  CPU: the reference backend (dequantize, then
-fp32 attention; an oracle, not a fast path) at small sequence lengths only.  GPU: SDPA's
-flash backend against the same reference path run per head chunk (there is no fused
-Triton MX attention kernel in mxdit yet, so this row is a baseline, not a kernel).
-Heads are processed in chunks of ``--head-chunk`` (exact: every mode quantizes per head).
+fp32 attention; an oracle, not a fast path) at small sequence lengths only.  GPU (FP8
+tensor cores, capability >= 8.9): SDPA's flash backend against the Triton MXFP8
+flash-attention kernel (``mxfp8``, quantization of Q/K/V included in the time) and the
+reference path for ``fp8_block`` (no kernel), run per head chunk.  Reference-path modes
+process heads in chunks of ``--head-chunk`` (exact: every mode quantizes per head); the
+Triton kernel takes all heads in one launch.
 
 Sequence lengths of Wan2.2 clips (latent frames x patches): 480x832x81 -> 21x30x52 =
 32760 tokens, 1280x720x81 -> 21x45x80 = 75600.  Default here: CPU 1024 (quality) and
@@ -80,7 +82,7 @@ def modes(device):
                 q, k = q @ r, k @ r
             return be.quantized_attention(q, k, v, mode=mode)
         return fn
-    return be.name, [
+    return be, [
         ("bf16 sdpa", "-", sdpa),
         ("mxfp8", "none", quant("mxfp8")),
         ("mxfp8", "online QR (seed 42)", quant("mxfp8", rot_qr)),
@@ -102,12 +104,13 @@ def truth(q, k, v, chunk):
 def quality(args, device) -> str:
     q, k, v = make_qkv(args.seq, args.heads, args.outlier_gain, args.seed, device)
     ref = truth(q, k, v, args.head_chunk)
-    name, rows = modes(device)
+    be, rows = modes(device)
+    name = be.name
     lines = [f"Quality, {args.seq} tokens x {args.heads} heads x head_dim {D}, outlier gain "
              f"{args.outlier_gain}, against float64 attention of the BF16 inputs (kernel backend: {name})", "",
              "| mode | rotation | cosine | rel. error | worst head rel. error |", "|---|---|---|---|---|"]
     for mode, rot, fn in rows:
-        out = chunked(fn, q, k, v, args.head_chunk).double()
+        out = chunked(fn, q, k, v, _chunk(be, mode, args)).double()
         cos = F.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
         rel = ((out - ref).norm() / ref.norm()).item()
         per_head = ((out - ref).pow(2).sum(dim=(0, 1, 3)).sqrt() / ref.pow(2).sum(dim=(0, 1, 3)).sqrt())
@@ -116,20 +119,27 @@ def quality(args, device) -> str:
     return "\n".join(lines)
 
 
+def _chunk(be, mode, args) -> int:
+    """Heads per call: all for the fused Triton kernel, --head-chunk for the reference math."""
+    return args.heads if (be.name == "triton" and mode == "mxfp8") else args.head_chunk
+
+
 def speed(args, device) -> str:
-    name, rows = modes(device)
+    be, rows = modes(device)
+    name = be.name
     rows = [r for r in rows if r[1] in ("-", "none")]
     cuda = device.type == "cuda"
     where = torch.cuda.get_device_name(device) if cuda else cpu_name()
-    lines = [f"Speed on {where} ({args.heads} heads x head_dim {D}, batch 1; kernel backend {name}: "
-             "reference = dequantize then fp32 attention, not a fused kernel)", "",
+    how = ("mxfp8 = fused Triton MXFP8 flash attention incl. Q/K/V quantization; fp8_block = reference math"
+           if name == "triton" else "reference = dequantize then fp32 attention, not a fused kernel")
+    lines = [f"Speed on {where} ({args.heads} heads x head_dim {D}, batch 1; kernel backend {name}: {how})", "",
              "| tokens | SDPA bf16 ms | mode | mode ms | SDPA / mode |", "|---|---|---|---|---|"]
     for seq in args.time_seq:
         q, k, v = make_qkv(seq, args.heads, args.outlier_gain, args.seed, device)
 
-        def timed(fn):
+        def timed(fn, chunk=args.head_chunk):
             def run():
-                chunked(fn, q, k, v, args.head_chunk)
+                chunked(fn, q, k, v, chunk)
                 if cuda:
                     torch.cuda.synchronize()
             return median_seconds(run, reps=args.reps, warmup=1)
@@ -137,11 +147,11 @@ def speed(args, device) -> str:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                t_sdpa = timed(sdpa)
+                t_sdpa = timed(sdpa, args.heads)
         else:
             t_sdpa = timed(sdpa)
         for mode, _, fn in rows[1:]:
-            t = timed(fn)
+            t = timed(fn, _chunk(be, mode, args))
             lines.append(f"| {seq} | {t_sdpa * 1e3:.1f} | {mode} | {t * 1e3:.1f} | {t_sdpa / t:.3f} |")
     return "\n".join(lines)
 

@@ -23,3 +23,5 @@ def test_kernels_compile_for_hopper_and_blackwell():
     blackwell = [ln for ln in lines if "sm_100" in ln]
     assert hopper and all("wgmma" in ln for ln in hopper), out[-3000:]  # Hopper FP8 tensor cores
     assert blackwell and all("tcgen05" in ln for ln in blackwell), out[-3000:]  # tl.dot_scaled: block-scaled MMA
+    attn = [ln for ln in out.splitlines() if ln.startswith("ok   attn mxfp8")]
+    assert attn and all("wgmma" in ln for ln in attn), out[-3000:]  # MXFP8 flash attention: FP8 wgmma for Q K^T

@@ -37,10 +37,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cap", type=int, default=90)
     ap.add_argument("--dot-scaled-cap", type=int, default=100)
-    ap.add_argument("--only", default="quant,mx,dual,fp8,ds")
+    ap.add_argument("--only", default="quant,mx,dual,fp8,ds,attn")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
-    nodiv = {"M", "stride_l0am", "stride_l0bn", "stride_l0m"}
+    nodiv = {"M", "stride_l0am", "stride_l0bn", "stride_l0m", "Lq", "Lk", "H", "qk_scale"}
     failures = 0
 
     def build(fn, types, consts, warps, stages, cap):
@@ -129,6 +129,12 @@ def main(argv=None) -> int:
                        [P8, PF, P8, PF, PF, "*i16", I, I, I, I, I, I],
                        dict(HAS_BIAS=True, OUT_KIND=1, PROMOTE=pr, HW_CVT=True, **c.kwargs),
                        c.num_warps, c.num_stages, args.cap)
+    if "attn" in only:
+        from mxdit.kernels.triton import attention as A
+
+        for bm, bn, w in A.COMPILE_CONFIGS:
+            report(f"attn mxfp8 D=128 BLOCK_M={bm} BLOCK_N={bn} w{w}", A.mxfp8_attention_kernel,
+                   [P8, P8, P8, P8, P8, P8, PF, I, I, I, "fp32"], dict(D=128, BLOCK_M=bm, BLOCK_N=bn), w, 2, args.cap)
     print(f"{failures} failures")
     return 1 if failures else 0
 

@@ -510,6 +510,17 @@ class TritonBackend(KernelBackend):
         out = self.dual_gemm(a8, l0a, wt, bias, out_dtype)
         return out.reshape(*lead, out.shape[-1])
 
+    def quantized_attention(self, q, k, v, *, mode="mxfp8", softmax_scale=None, out_dtype=None):
+        """``mxfp8``: the fused MXFP8 flash-attention kernel (:mod:`mxdit.kernels.triton.attention`);
+        other modes, and shapes it does not take (Lk of k != v, head_dim not a power of two >= 32),
+        run the reference numerics on the device."""
+        from mxdit.kernels.triton.attention import mxfp8_attention
+
+        d = q.shape[-1]
+        if mode != "mxfp8" or k.shape != v.shape or d < 32 or d & (d - 1):
+            return super().quantized_attention(q, k, v, mode=mode, softmax_scale=softmax_scale, out_dtype=out_dtype)
+        return mxfp8_attention(q, k, v, softmax_scale).to(out_dtype or q.dtype)
+
     def fp8_linear(self, x, w, bias, *, out_dtype=torch.bfloat16):
         wt = w if isinstance(w, TritonFP8Weight) else self.prepare_fp8_weight(*w)
         k = x.shape[-1]

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -204,3 +205,48 @@ def test_loader_errors():
         int4_weight_loader(p, torch.zeros(4, 9, dtype=torch.int8), name="L.weight")
     with pytest.raises(ValueError, match=f"'{PREFIX}'.*weight_offset"):
         make_layer(8, 16, weight_offset=torch.full((8, 1), 1.0))
+
+
+# ---- the exporter: mxdit quantize --recipe all-int4, loaded back ---------------------------------
+def test_export_and_load(tmp_path):
+    from safetensors.torch import load_file
+
+    from mxdit import load_transformer
+    from mxdit.tools.quantize import QuantizeOptions, quantize_model
+    from test_quantize_tool import _diffusers_tiny
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sd = _diffusers_tiny(tmp_path / "tiny", layers=1)
+        out = tmp_path / "int4"
+        quantize_model(str(tmp_path / "tiny"), str(out), QuantizeOptions(
+            recipe="all-int4", layout="mindie", progress=False, report_plot=False), log=lambda m: None)
+        with open(out / "quant_model_description_w4a4_dynamic.json") as f:
+            desc = json.load(f)
+        t = load_file(str(out / "quant_model_weight_w4a4_dynamic.safetensors"))
+        assert desc["model_quant_type"] == "W4A4_DYNAMIC"
+        p = "blocks.0.self_attn.q"
+        w_src = sd["blocks.0.attn1.to_q.weight"]
+        n, k = w_src.shape
+        got = {s: (t[f"{p}.{s}"].dtype, tuple(t[f"{p}.{s}"].shape), desc[f"{p}.{s}"])
+               for s in ("weight", "weight_scale", "weight_offset", "bias")}
+        assert got == {"weight": (torch.int8, (n, k), "W4A4_DYNAMIC"),
+                       "weight_scale": (torch.float32, (n, 1), "W4A4_DYNAMIC"),
+                       "weight_offset": (torch.float32, (n, 1), "W4A4_DYNAMIC"),
+                       "bias": (torch.float32, (n,), "FLOAT")}
+        # symmetric min-max per channel, in plain numpy
+        wf = w_src.float().numpy()
+        ws = (np.abs(wf).max(axis=1, keepdims=True) / np.float32(7)).astype(np.float32)
+        assert np.array_equal(t[p + ".weight"].numpy(), np.clip(np.rint(wf / ws), -8, 7).astype(np.int8))
+        assert np.array_equal(t[p + ".weight_scale"].numpy(), ws) and not t[p + ".weight_offset"].any()
+
+        model = load_transformer(str(out), progress=False, dtype=torch.bfloat16)
+        layer = model.get_submodule("blocks.0.attn1.to_q")
+        assert layer.quant_method.name == "W4A4_DYNAMIC"
+        x = torch.randn(5, k, generator=torch.Generator().manual_seed(4)).to(BF16).float()
+        params = {"weight": t[p + ".weight"], "weight_scale": t[p + ".weight_scale"], "bias": t[p + ".bias"]}
+        want = oracle_linear(params, x, False)
+        np.testing.assert_allclose(layer(x).double().numpy(), want, rtol=2e-6, atol=1e-6 * np.abs(want).max())
+    finally:
+        torch.set_num_threads(n_threads)

@@ -90,6 +90,13 @@ class ActQuant:
     def __init__(self, x: torch.Tensor, scheme: str, mul_scale: Optional[torch.Tensor]):
         x = x.to(torch.bfloat16) if x.dtype not in (torch.bfloat16, torch.float16) else x
         self.scheme = scheme
+        if scheme == "W4A4_DYNAMIC":  # int4 per token, as the runtime (mxdit.kernels.base)
+            from mxdit.kernels.base import quantize_int4_per_token
+
+            xs = x if mul_scale is None else x * mul_scale.to(x.device, x.dtype)
+            self.q = quantize_int4_per_token(xs)
+            self.deq = self.q[0].to(torch.float32) * self.q[1]
+            return
         if scheme == "W4A4_MXFP4_DUALSCALE":
             ms = None if mul_scale is None else mul_scale.to(x.device)
             self.q = F.quantize_mx_dual(x, smooth_scale=ms, round_mode="rint")
@@ -100,6 +107,8 @@ class ActQuant:
         self.deq = self.q.dequantize(torch.float32)
 
     def matmul(self, w: QuantizedWeight) -> torch.Tensor:
+        if self.scheme == "W4A4_DYNAMIC":
+            return self.deq @ w.dequantize().t()
         if self.scheme == "W4A4_MXFP4_DUALSCALE":
             return F.dual_mx_matmul(self.q, w.dual(), None, torch.float32)
         return F.mx_matmul(self.q, w.mx(), None, torch.float32)

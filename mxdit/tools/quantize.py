@@ -60,6 +60,9 @@ Tensors per quantized layer L (``P = L``, or ``L.linear`` when smoothed)
                                   the FP4 values (``fp8``, msmodelslim <= 26.0.0);
                                   P.weight_scale uint8 [N,K/32]
     W4A4_MXFP4_DUALSCALE          as W4A4_MXFP4 plus P.weight_dual_scale float32 [N,K/512,1]
+    W4A4_DYNAMIC                  P.weight int8 [N,K] (one int4 value per byte, symmetric min-max per
+                                  channel); P.weight_scale float32 [N,1]; P.weight_offset float32
+                                  zeros [N,1]
     all                           P.bias float32 [N]; smoothed: L.div.mul_scale float32 [K]
                                   (diffusers layout: no wrappers, L.mul_scale and L.weight...)
     ============================  ====================================================
@@ -389,9 +392,13 @@ def quantize_layer(
     xf = None if x is None else x.to(dev, torch.float32)
     wacc, oacc = SqnrAccumulator(), SqnrAccumulator()
     fmt = SCHEME_FORMAT[plan.scheme]
-    qdata = torch.empty((n, k // 2) if fmt == "fp4_e2m1" else (n, k),
-                        dtype=torch.uint8 if fmt == "fp4_e2m1" else torch.float8_e4m3fn, device=dev)
-    scale = torch.empty(n, k // 32, dtype=torch.uint8, device=dev)
+    if fmt == "int4":  # W4A4_DYNAMIC: int8-held int4 [N, K], fp32 scale [N, 1]
+        qdata = torch.empty(n, k, dtype=torch.int8, device=dev)
+        scale = torch.empty(n, 1, dtype=torch.float32, device=dev)
+    else:
+        qdata = torch.empty((n, k // 2) if fmt == "fp4_e2m1" else (n, k),
+                            dtype=torch.uint8 if fmt == "fp4_e2m1" else torch.float8_e4m3fn, device=dev)
+        scale = torch.empty(n, k // 32, dtype=torch.uint8, device=dev)
     dual = torch.empty(n, k // 512, dtype=torch.float32, device=dev) if plan.scheme == "W4A4_MXFP4_DUALSCALE" else None
     step = _rows_per_chunk(k)
     for r0 in range(0, n, step):
@@ -496,6 +503,8 @@ class _ExpertWriter:
             t = q.scale
         elif what == "weight_dual_scale":
             t = q.dual_scale.unsqueeze(-1)
+        elif what == "weight_offset":
+            t = torch.zeros_like(q.scale)
         else:
             raise AssertionError(what)
         self._remaining[lp.model_name] -= 1
@@ -540,13 +549,20 @@ class _ExpertWriter:
                 if smoothed:
                     mine.append(Entry(ms_name, "FLOAT", torch.float32, (k,),
                                       lambda lp=lp: self._take(lp, "mul_scale")))
-                if fp4 and self.opts.fp4_container == "uint8":
+                int4 = SCHEME_FORMAT[lp.scheme] == "int4"
+                if int4:
+                    wdt, wsh = torch.int8, (n, k)
+                elif fp4 and self.opts.fp4_container == "uint8":
                     wdt, wsh = torch.uint8, (n, k // 2)
                 else:
                     wdt, wsh = torch.float8_e4m3fn, (n, k)
                 mine.append(Entry(pre + ".weight", lp.scheme, wdt, wsh, lambda lp=lp: self._take(lp, "weight")))
-                mine.append(Entry(pre + ".weight_scale", lp.scheme, torch.uint8, (n, k // 32),
+                sdt, ssh = (torch.float32, (n, 1)) if int4 else (torch.uint8, (n, k // 32))
+                mine.append(Entry(pre + ".weight_scale", lp.scheme, sdt, ssh,
                                   lambda lp=lp: self._take(lp, "weight_scale")))
+                if int4:  # msmodelslim writes the (zero, symmetric) offset too
+                    mine.append(Entry(pre + ".weight_offset", lp.scheme, torch.float32, (n, 1),
+                                      lambda lp=lp: self._take(lp, "weight_offset")))
                 if lp.scheme == "W4A4_MXFP4_DUALSCALE":
                     mine.append(Entry(pre + ".weight_dual_scale", lp.scheme, torch.float32, (n, k // 512, 1),
                                       lambda lp=lp: self._take(lp, "weight_dual_scale")))

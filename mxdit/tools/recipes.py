@@ -14,9 +14,9 @@ File format (plain text, no YAML)::
   ``text_embedding.0``, ``time_embedding.2``, ``time_projection.1``.  ``[0-4]``
   is a single-character class, so ``blocks.[0-4].*`` is blocks 0 to 4 (and not
   10 to 49); write one rule per range beyond that (``blocks.1[0-9].*``).
-* SCHEME is ``W8A8_MXFP8``, ``W4A4_MXFP4``, ``W4A4_MXFP4_DUALSCALE`` or
-  ``FLOAT`` (case-insensitive; aliases ``mxfp8``, ``mxfp4``, ``mxfp4_dual``,
-  ``float``/``bf16``).
+* SCHEME is ``W8A8_MXFP8``, ``W4A4_MXFP4``, ``W4A4_MXFP4_DUALSCALE``,
+  ``W4A4_DYNAMIC`` (int4) or ``FLOAT`` (case-insensitive; aliases ``mxfp8``,
+  ``mxfp4``, ``mxfp4_dual``, ``int4``, ``float``/``bf16``).
 * The first rule that matches a layer wins; a layer no rule matches stays
   FLOAT.
 
@@ -45,12 +45,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-SCHEMES = ("W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "FLOAT")
+SCHEMES = ("W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W4A4_DYNAMIC", "FLOAT")
 _ALIASES = {
     "w8a8_mxfp8": "W8A8_MXFP8", "mxfp8": "W8A8_MXFP8",
     "w4a4_mxfp4": "W4A4_MXFP4", "mxfp4": "W4A4_MXFP4",
     "w4a4_mxfp4_dualscale": "W4A4_MXFP4_DUALSCALE", "mxfp4_dual": "W4A4_MXFP4_DUALSCALE",
     "mxfp4-dual": "W4A4_MXFP4_DUALSCALE", "dualscale": "W4A4_MXFP4_DUALSCALE",
+    "w4a4_dynamic": "W4A4_DYNAMIC", "int4": "W4A4_DYNAMIC",
     "float": "FLOAT", "bf16": "FLOAT", "none": "FLOAT",
 }
 
@@ -58,6 +59,7 @@ BUILTIN_RECIPES: dict[str, str] = {
     "all-mxfp8": "blocks.* W8A8_MXFP8\n",
     "all-mxfp4": "blocks.* W4A4_MXFP4\n",
     "all-mxfp4-dual": "blocks.* W4A4_MXFP4_DUALSCALE\n",
+    "all-int4": "blocks.* W4A4_DYNAMIC\n",
     "msmodelslim-wan2.2": "blocks.[0-4].* W8A8_MXFP8\nblocks.* W4A4_MXFP4\n",
 }
 

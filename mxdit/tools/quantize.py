@@ -108,6 +108,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mxdit.formats.rotation import HADAMARD_SEED, random_hadamard
 from mxdit.quant.offline_rules import (
     DEFAULT_RULES,
     FORMAT_RULES,
@@ -128,7 +129,7 @@ from mxdit.tools.calibrate import (
     smooth_factors,
 )
 from mxdit.tools.quant_report import ActQuant, LayerReport, ReportMeta, SqnrAccumulator, random_activations, write_report
-from mxdit.tools.recipes import Recipe, RecipeError, canonical_scheme
+from mxdit.tools.recipes import AttentionPlan, Recipe, RecipeError, canonical_scheme
 from mxdit.kernels import default_device
 from mxdit.tools.repack import EXPERT_SUBDIRS
 
@@ -217,6 +218,9 @@ class ExpertPlan:
     params: list[tuple[str, tuple[int, ...]]]  # model parameter names in model order (and shapes)
     layers: dict[str, LayerPlan]  # model_name -> plan (quantized layers only)
     linear_count: int
+    #: recipe attention directives (W8A8F8 / W4A4F8): per blocks.N.self_attn; None without directives
+    attention: Optional[AttentionPlan] = None
+    head_dim: int = 0
 
     @property
     def title(self) -> str:
@@ -356,7 +360,20 @@ def _plan_expert(key: str, src: str, out_rel: str, recipe: Recipe, rules: dict[s
             f"{', '.join(bad_k[:6])}{' ...' if len(bad_k) > 6 else ''} ({mults}); map them to another scheme or FLOAT"
         )
     plist = [(p, tuple(t.shape)) for p, t in params.items() if p in ckpt.names]
-    return ExpertPlan(key, src, out_rel, ckpt, plist, layers, len(linears))
+    attention = None
+    if recipe.attn_rules:
+        attn_mods = [f"blocks.{i}.{a}" for i in range(ckpt.config.num_layers) for a in ("self_attn", "cross_attn")]
+        try:
+            attention = recipe.attention_plan(attn_mods)
+        except RecipeError as e:
+            raise QuantizeError(f"{e} (model {where})") from None
+        if any(attention.rotation.values()):
+            hd = ckpt.config.attention_head_dim
+            if hd <= 0 or hd & (hd - 1):
+                raise QuantizeError(f"recipe {recipe.name}: the Hadamard rotation needs a power-of-two head_dim, "
+                                    f"model {where} has {hd}")
+    return ExpertPlan(key, src, out_rel, ckpt, plist, layers, len(linears), attention,
+                      ckpt.config.attention_head_dim)
 
 
 # ============================================================================ per-layer work
@@ -573,7 +590,40 @@ class _ExpertWriter:
                 ents.append(Entry(pre + ".bias", label, torch.float32, tuple(info.shape), read(cname, torch.float32)))
             else:  # pragma: no cover - linears have weight and bias only
                 ents.append(Entry(self.out_name(pname), "FLOAT", info.dtype, tuple(info.shape), read(cname)))
+        ents.extend(self._rotation_entries())
         return ents
+
+    def _attn_name(self, orig_attn: str) -> str:
+        """``blocks.N.self_attn`` in this layout (diffusers: ``blocks.N.attn1``, the module the model
+        holds its q_rot / k_rot buffers on; not ``attn1.to_q_rot``, SGLang's repack mismatch)."""
+        if self.opts.layout != "diffusers":
+            return orig_attn
+        return orig_attn.replace(".self_attn", ".attn1")
+
+    def _rotation_entries(self) -> list[Entry]:
+        """msmodelslim's online_quarot tensors: ``<attn>.q_rot`` / ``<attn>.k_rot`` [D, D] bf16, label FLOAT
+        (mindie_format.py on_online_rotation_wrapper saves the matrix as is).  One random Hadamard per
+        head_dim with seed 1234, shared by q and k (model/wan2_2/base_model_adapter.py), so every
+        attention module gets the same matrix; nothing is folded into the q / k weights."""
+        att = self.plan.attention
+        if att is None:
+            return []
+        d = self.plan.head_dim
+        out = []
+        for mod, on in att.rotation.items():
+            if on:
+                for r in ("q_rot", "k_rot"):
+                    out.append(Entry(f"{self._attn_name(mod)}.{r}", "FLOAT", torch.bfloat16, (d, d),
+                                     lambda d=d: random_hadamard(d, HADAMARD_SEED, torch.bfloat16)))
+        return out
+
+    def _attention_descriptions(self) -> dict[str, str]:
+        """``<attn>.quant_type = "FP8_DYNAMIC"`` (mindie_format.py on_activation_per_token: the FA3
+        per-token FP8 activation quantizer's parent module, e.g. ``blocks.3.self_attn``); no tensors."""
+        att = self.plan.attention
+        if att is None:
+            return {}
+        return {f"{self._attn_name(m)}.quant_type": v for m, v in att.quant_type.items() if v is not None}
 
     # ---- files
     def _shards(self, ents: list[Entry]) -> list[tuple[str, list[Entry]]]:
@@ -654,6 +704,7 @@ class _ExpertWriter:
 
         mqt = _model_quant_type({lp.scheme for lp in self.plan.layers.values()})
         labels = {e.name: e.label for e in ents}
+        labels.update(self._attention_descriptions())
         if self.opts.layout == "mindie":
             desc_name = f"quant_model_description_{mqt.lower()}.json"
             description = {**labels, "model_quant_type": mqt}

@@ -72,7 +72,9 @@ Tensors per quantized layer L (``P = L``, or ``L.linear`` when smoothed)
     measured winner for every scheme).
 
 Recipes: :mod:`mxdit.tools.recipes` (file format, built-ins ``all-mxfp8``,
-``all-mxfp4``, ``all-mxfp4-dual``, ``msmodelslim-wan2.2``; only block linears by
+``all-mxfp4``, ``all-mxfp4-dual``, ``all-int4``, ``msmodelslim-wan2.2``, and the F8
+``msmodelslim-wan2.2-w8a8f8`` / ``-w4a4f8`` with q_rot / k_rot and FP8_DYNAMIC
+attention entries; only block linears by
 default).  Calibration and smoothing: :mod:`mxdit.tools.calibrate`
 (``--smooth`` defaults to ``calib`` with ``--calib-prompts``, else ``none``;
 ``--smooth-alpha`` needs prompts or ``--smooth data-free``).  Quality report:
@@ -129,7 +131,7 @@ from mxdit.tools.calibrate import (
     smooth_factors,
 )
 from mxdit.tools.quant_report import ActQuant, LayerReport, ReportMeta, SqnrAccumulator, random_activations, write_report
-from mxdit.tools.recipes import AttentionPlan, Recipe, RecipeError, canonical_scheme
+from mxdit.tools.recipes import BUILTIN_RECIPES, AttentionPlan, Recipe, RecipeError, canonical_scheme
 from mxdit.kernels import default_device
 from mxdit.tools.repack import EXPERT_SUBDIRS
 
@@ -932,7 +934,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or original A14B dir (high_noise_model/ + low_noise_model/)")
     g.add_argument("--output", required=True, help="output directory (built in a temporary sibling, then renamed)")
     g.add_argument("--recipe", required=True,
-                   help="built-in (all-mxfp8, all-mxfp4, all-mxfp4-dual, msmodelslim-wan2.2) or a recipe file "
+                   help=f"built-in ({', '.join(BUILTIN_RECIPES)}) or a recipe file "
                         "('PATTERN SCHEME' lines on original Wan layer names, first match wins)")
     g.add_argument("--layout", default="mindie", choices=LAYOUTS,
                    help="mindie (msmodelslim mindie_format_saver, default), ascendv1 (msmodelslim ascendv1_saver), "

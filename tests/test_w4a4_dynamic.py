@@ -226,6 +226,8 @@ def test_export_and_load(tmp_path):
             desc = json.load(f)
         t = load_file(str(out / "quant_model_weight_w4a4_dynamic.safetensors"))
         assert desc["model_quant_type"] == "W4A4_DYNAMIC"
+        report = (out / "quality_report.md").read_text()
+        assert "| W4A4_DYNAMIC | 10 |" in report  # the summary row of the 10 block linears
         p = "blocks.0.self_attn.q"
         w_src = sd["blocks.0.attn1.to_q.weight"]
         n, k = w_src.shape

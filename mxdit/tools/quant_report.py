@@ -31,7 +31,7 @@ from mxdit.quant.offline_rules import QuantizedWeight
 REPORT_MD = "quality_report.md"
 REPORT_PNG = "quality_report.png"
 REPORT_JSON = "quality_report.json"
-SCHEME_ORDER = ("W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE")
+SCHEME_ORDER = ("W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W4A4_DYNAMIC")
 
 
 @dataclass
@@ -148,7 +148,7 @@ def render_markdown(meta: ReportMeta, layers: list[LayerReport]) -> str:
         "SQNR = 10 log10(sum ref^2 / sum (ref - quant)^2), dB, higher is better.  Weight: the effective "
         "dequantized weight deq(W*s)/s against the source weight.  Output: x W^T (no bias) with the runtime "
         "numerics (x * mul_scale, per-token MX activation quantization with floor scales and round-half-even, "
-        "dual-level for DUALSCALE; fp32 accumulation) against the unquantized product on the same rows.",
+        "dual-level for DUALSCALE, int4 per token for W4A4_DYNAMIC; fp32 accumulation) against the unquantized product on the same rows.",
         "",
         "## Summary",
         "",
@@ -175,7 +175,7 @@ def render_png(path: str, meta: ReportMeta, layers: list[LayerReport]) -> None:
     fig = Figure(figsize=(max(8.0, min(0.06 * len(layers) + 6, 30.0)), 7.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 1, sharex=True)
-    markers = {"W8A8_MXFP8": "o", "W4A4_MXFP4": "s", "W4A4_MXFP4_DUALSCALE": "^"}
+    markers = {"W8A8_MXFP8": "o", "W4A4_MXFP4": "s", "W4A4_MXFP4_DUALSCALE": "^", "W4A4_DYNAMIC": "D"}
 
     def finite(v):
         return v if math.isfinite(v) else float("nan")

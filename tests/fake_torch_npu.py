@@ -22,7 +22,7 @@ import torch
 
 from mxdit import formats as F
 from mxdit.formats import attention as FA
-from mxdit.kernels.base import quantize_int8_per_token
+from mxdit.kernels.base import quantize_int4_per_token, quantize_int8_per_token
 
 __version__ = "0.0.0+mxdit.emulated"
 EMULATED = True
@@ -259,6 +259,8 @@ def npu_quant_matmul(x1, x2, scale, *, offset=None, pertoken_scale=None, bias=No
         any(a is not None for a in (x1_dtype, x2_dtype, scale_dtype, pertoken_scale_dtype))
         or x1.dtype in _FP8_TORCH or x1.dtype == torch.uint8
     )
+    if x1.dtype == torch.int32 or x2.dtype == torch.int32:
+        return _quant_matmul_int4(x1, x2, scale, pertoken_scale, bias, output_dtype, group_sizes)
     if mx:
         return _quant_matmul_mx(x1, x2, scale, pertoken_scale, bias, output_dtype, x1_dtype, x2_dtype,
                                 pertoken_scale_dtype, scale_dtype, group_sizes)
@@ -352,9 +354,22 @@ def _quant_matmul_mx(x1, x2, scale, pertoken_scale, bias, output_dtype, x1_dtype
     return F.mx_matmul(a, b, None if bias is None else bias.reshape(-1), output_dtype)
 
 
-def _quant_matmul_int8(x1, x2, scale, pertoken_scale, bias, output_dtype, group_sizes):
+def _quant_matmul_int4(x1, x2, scale, pertoken_scale, bias, output_dtype, group_sizes):
+    """int4 x int4 (the doc: "int32 represents int4 matmul, each int32 holds 8 int4"): x1 int32 [M, K/8]
+    (npu_dynamic_quant quint4x2), x2 int32 [K, N/8] (npu_convert_weight_to_int4pack of W^T)."""
+    op = "npu_quant_matmul (int4)"
+    if x1.dtype != torch.int32 or x2.dtype != torch.int32:
+        _fail(op, f"x1 and x2 must both be int32 (8 packed int4 each), got {x1.dtype}, {x2.dtype}")
+    if x1.dim() != 2 or x2.dim() != 2:
+        raise NotImplementedError(f"{op}: only 2-D x1 [M, K/8] and x2 [K, N/8] are emulated")
+    if x2.shape[0] != 8 * x1.shape[1]:
+        _fail(op, f"x2 must be the packed [K, N/8] = [{8 * x1.shape[1]}, N/8] (pack weight.T), got {list(x2.shape)}")
+    return _quant_matmul_int8(_unpack_int4(x1), _unpack_int4(x2), scale, pertoken_scale, bias, output_dtype,
+                              group_sizes, op=op)
+
+
+def _quant_matmul_int8(x1, x2, scale, pertoken_scale, bias, output_dtype, group_sizes, op="npu_quant_matmul (int8)"):
     """int8 x int8 (torch_npu API doc dtype table): acc (+ int32 bias) * scale [* pertoken] (+ float bias)."""
-    op = "npu_quant_matmul (int8)"
     if x1.dtype != torch.int8 or x2.dtype != torch.int8:
         _fail(op, f"x1 and x2 must be int8, got {x1.dtype}, {x2.dtype}")
     if x1.dim() != 2 or x2.dim() != 2:
@@ -505,13 +520,18 @@ def npu_dynamic_quant(input, *, smooth_scales=None, group_index=None, dst_type=N
     """Per-token symmetric int8: (y int8 like input, scale fp32 input.shape[:-1]); scale = amax / 127."""
     op = "npu_dynamic_quant"
     x = _tensor(input, op, "input")
-    CALLS.append((op, dict(shape=tuple(x.shape), dtype=x.dtype)))
+    CALLS.append((op, dict(shape=tuple(x.shape), dtype=x.dtype, dst_type=dst_type)))
     if x.dtype not in (torch.float16, torch.bfloat16):
         _fail(op, f"input dtype must be float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1 or x.numel() == 0:
         _fail(op, "input must be a non-empty tensor")
     if smooth_scales is not None or group_index is not None:
         raise NotImplementedError(f"{op}: smooth_scales / group_index are not emulated")
+    if dst_type == torch.quint4x2:  # int4: y int32 [..., K/8] (8 int4 per int32), scale = amax / 7
+        if x.shape[-1] % 8:
+            _fail(op, f"int4 output needs the last dim to be a multiple of 8, got {x.shape[-1]}")
+        q, s = quantize_int4_per_token(x.reshape(-1, x.shape[-1]))
+        return _pack_int4(q).reshape(*x.shape[:-1], x.shape[-1] // 8), s.reshape(x.shape[:-1])
     if dst_type not in (None, torch.int8):
         raise NotImplementedError(f"{op}: dst_type {dst_type!r} is not emulated")
     q, s = quantize_int8_per_token(x.reshape(-1, x.shape[-1]))
@@ -629,3 +649,43 @@ def npu_fused_infer_attention_score(query, key, value, *, num_heads, num_key_val
         raise NotImplementedError(f"{op}: masks and LSE are not emulated")
     out = FA.attention_fp32(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), float(scale))
     return out.transpose(1, 2).to(q.dtype), torch.empty(0)
+
+# ---- int4 (W4A4_DYNAMIC) --------------------------------------------------------
+# The real packing "8 int4 per int32, interleaved" (torch_npu doc of npu_convert_weight_to_int4pack) is
+# opaque to callers: only the ops that produce and consume it look inside.  The emulation uses nibble j of
+# each int32 (little-endian) for element j of its group of 8; it checks what a caller controls (dtypes,
+# shapes, contiguity, value range), not the hardware's bit order.
+
+def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int values in [-8, 7], [..., K] (K % 8 == 0) -> int32 [..., K/8]."""
+    nib = (q.to(torch.int64) & 0xF).reshape(*q.shape[:-1], q.shape[-1] // 8, 8)
+    word = (nib << (4 * torch.arange(8, dtype=torch.int64))).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def _unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """int32 [..., K/8] -> int8 [..., K] (sign-extended nibbles)."""
+    nib = (p.to(torch.int64).unsqueeze(-1) >> (4 * torch.arange(8, dtype=torch.int64))) & 0xF
+    nib = torch.where(nib >= 8, nib - 16, nib)
+    return nib.reshape(*p.shape[:-1], p.shape[-1] * 8).to(torch.int8)
+
+
+def npu_convert_weight_to_int4pack(weight, inner_k_tiles=0):
+    """torch_npu doc: weight int32, 2-D, contiguous, last dim 8-aligned, values in [-8, 7] -> int32 [k, n/8]."""
+    op = "npu_convert_weight_to_int4pack"
+    w = _tensor(weight, op, "weight")
+    CALLS.append((op, dict(shape=tuple(w.shape), dtype=w.dtype, contiguous=w.is_contiguous(),
+                           inner_k_tiles=inner_k_tiles)))
+    if w.dtype != torch.int32:
+        _fail(op, f"weight must be int32, got {w.dtype}")
+    if w.dim() != 2:
+        _fail(op, f"weight must be 2-D, got {w.dim()}-D")
+    if not w.is_contiguous():
+        _fail(op, "weight must be contiguous (pass weight.transpose(0, 1).contiguous())")
+    if w.shape[-1] % 8:
+        _fail(op, f"the last dim must be a multiple of 8, got {w.shape[-1]}")
+    if w.numel() and (int(w.min()) < -8 or int(w.max()) > 7):
+        _fail(op, f"values must be int4 in [-8, 7], found [{int(w.min())}, {int(w.max())}]")
+    if inner_k_tiles != 0:
+        _fail(op, "inner_k_tiles is reserved and must be 0")
+    return _pack_int4(w)

@@ -508,7 +508,7 @@ def test_no_description_file(tmp_path):
         assert str(tmp_path) in msg and "quant_model_description" in msg, msg
 
 
-@pytest.mark.parametrize("label", ["W4A4_MXFP4_SVD", "W4A8_MXFP", "W8A16", "W4A4_DYNAMIC"])
+@pytest.mark.parametrize("label", ["W4A4_MXFP4_SVD", "W4A8_MXFP", "W8A16"])
 def test_unknown_label(tmp_path, label):
     desc = {"blocks.3.self_attn.q.weight": label, "blocks.3.self_attn.q.weight_scale": label,
             "blocks.3.self_attn.q.bias": "FLOAT", "model_quant_type": label}

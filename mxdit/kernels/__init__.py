@@ -18,6 +18,7 @@ from mxdit.kernels.base import (
     KernelBackend,
     quantize_fp8_per_token,
     quantize_int8_per_token,
+    quantize_int4_per_token,
     quantize_int8_static,
 )
 from mxdit.kernels.reference import ReferenceBackend
@@ -99,5 +100,5 @@ def _warn_once(msg: str) -> None:
 
 __all__ = [
     "KernelBackend", "ReferenceBackend", "available_backends", "default_device", "register_backend", "get_backend", "select_backend",
-    "quantize_fp8_per_token", "quantize_int8_per_token", "quantize_int8_static",
+    "quantize_fp8_per_token", "quantize_int8_per_token", "quantize_int4_per_token", "quantize_int8_static",
 ]

@@ -55,6 +55,10 @@ class KernelBackend(ABC):
     def prepare_int8_weight(self, w: torch.Tensor) -> Any:
         return w
 
+    def prepare_int4_weight(self, w: torch.Tensor) -> Any:
+        """W4A4_DYNAMIC: ``w`` is int8 [N, K] holding int4 values in [-8, 7] (one per byte)."""
+        return w
+
     # ---- matmuls ----------------------------------------------------------
     def mx_linear(
         self,
@@ -156,6 +160,27 @@ class KernelBackend(ABC):
         qd, kd, vd = attention_operands(q, k, v, mode)
         return FA.attention_fp32(qd, kd, vd, softmax_scale).to(out_dtype or q.dtype)
 
+    def int4_linear(
+        self,
+        x: torch.Tensor,
+        w: Any,
+        bias: Optional[torch.Tensor],
+        *,
+        weight_scale: torch.Tensor,
+        smooth_scale: Optional[torch.Tensor] = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        """msmodelslim W4A4_DYNAMIC: per-token int4 activations (:func:`quantize_int4_per_token`),
+        symmetric per-channel int4 weights: y = (x_q W_q^T) * x_scale * weight_scale + bias (fp32)."""
+        if smooth_scale is not None:
+            x = x * smooth_scale.to(x.dtype)
+        xq, x_scale = quantize_int4_per_token(x)
+        acc = int8_gemm(xq, w).to(torch.float32)  # exact: |sum| <= 64 K < 2^24
+        out = acc * x_scale * weight_scale.reshape(1, -1).to(torch.float32)
+        if bias is not None:
+            out = out + bias
+        return out.to(out_dtype)
+
 
 FP8_MAX = 448.0
 _TINY = torch.finfo(torch.float32).tiny
@@ -189,6 +214,30 @@ def quantize_int8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
     scale = amax / torch.full_like(amax, 127.0)  # true division on every device
     q = torch.round(xf / scale).clamp(-128, 127).to(torch.int8)
+    return q, scale
+
+
+INT4_MAX = 7.0
+
+
+def quantize_int4_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``npu_dynamic_quant(x, dst_type=torch.quint4x2)`` semantics, per row (token):
+    scale = rowMax(|x|) / DTYPE_MAX with DTYPE_MAX = 7 (int4), q = round(x / scale).
+
+    Source: the torch_npu API doc of npu_dynamic_quant (Ascend/op-plugin
+    docs/context/torch_npu-npu_dynamic_quant.md: "scale = rowMax(abs(x)) / DTYPE_MAX,
+    y = round(x / scale)") and CANN's kernel doc (hicann/ops-nn quant/dynamic_quant/README.md:
+    "dtypeMax为输出数据类型的最大值").  Exactly, as mxdit defines it: the row amax and the
+    division in fp32 (a true division, as the int8 rule above), ``round`` = round half to even
+    (``torch.round``, the same rint the int8 per-token rule uses), so |q| <= 7; the clamp to
+    [-8, 7] only guards the int4 range.  Rows of zeros get scale = fp32 tiny and q = 0.
+
+    Returns (q int8 [M, K] holding int4 values, scale float32 [M, 1]).
+    """
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)
+    scale = amax / torch.full_like(amax, INT4_MAX)
+    q = torch.round(xf / scale).clamp(-8, 7).to(torch.int8)
     return q, scale
 
 

@@ -39,6 +39,15 @@ W8A8 (static)          ``npu_quantize(x, scales=input_scale, zero_points=
                        w.T, deq_scale, bias=quant_bias, output_dtype)``.
 W8A8_DYNAMIC           ``npu_dynamic_quant(x)`` then ``npu_quant_matmul(xq,
                        w.T, weight_scale, pertoken_scale, bias, output_dtype)``.
+W4A4_DYNAMIC           as SGLang's NPU_W4A4DynamicLinearMethodImpl (srt/hardware_
+(int4)                 backend/npu/quantization/w4a4.py): at load
+                       ``npu_convert_weight_to_int4pack(w.T.contiguous()
+                       .to(int32))`` -> int32 [K, N/8]; per call
+                       ``npu_dynamic_quant(x, dst_type=torch.quint4x2)`` ->
+                       (int32 [M, K/8], fp32 [M]) then ``npu_quant_matmul(xq,
+                       w_packed, weight_scale (fp32 [N]), pertoken_scale,
+                       bias, output_dtype)``.  Needs K % 8 == N % 8 == 0 and
+                       bf16/fp16 in and out, else the reference numerics.
 fp8 (per channel)      no NPU op here: the reference implementation (on the
                        tensors' device).
 MXFP8 attention        SGLang's ``ascend_fa.py``: BSND -> TND [B*S, N, D],
@@ -375,8 +384,43 @@ class NPUBackend(KernelBackend):
         return out.reshape(*lead, out.shape[-1])
 
 
+    # ---- W4A4_DYNAMIC (int4) ------------------------------------------------
+    def prepare_int4_weight(self, w: torch.Tensor) -> "NPUInt4Weight":
+        n, k = w.shape
+        packed = None
+        if n % 8 == 0 and k % 8 == 0:
+            packed = _torch_npu().npu_convert_weight_to_int4pack(w.transpose(0, 1).contiguous().to(torch.int32))
+        return NPUInt4Weight(w, packed)
+
+    def int4_linear(self, x, w, bias, *, weight_scale, smooth_scale=None, out_dtype=torch.bfloat16):
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2d = x.reshape(-1, k)
+        if smooth_scale is not None:
+            x2d = x2d * smooth_scale.to(x2d.dtype)
+        native = w.packed is not None and out_dtype in _HALF and x2d.dtype in _HALF and x2d.shape[0] > 0
+        if not native:
+            out = super().int4_linear(x2d, w.weight, bias, weight_scale=weight_scale, out_dtype=out_dtype)
+            return out.reshape(*lead, out.shape[-1])
+        t = _torch_npu()
+        xq, x_scale = t.npu_dynamic_quant(x2d, dst_type=torch.quint4x2)
+        out = t.npu_quant_matmul(
+            xq, w.packed, weight_scale.reshape(-1).to(torch.float32), pertoken_scale=x_scale.reshape(-1),
+            bias=None if bias is None else bias.to(torch.float32), output_dtype=out_dtype,
+        )
+        return out.reshape(*lead, out.shape[-1])
+
+
+class NPUInt4Weight:
+    """weight: the canonical int8 [N, K] (int4 values); packed: int32 [K, N/8] from
+    npu_convert_weight_to_int4pack, or None when N or K is not a multiple of 8 (reference path)."""
+
+    def __init__(self, weight: torch.Tensor, packed: Optional[torch.Tensor]):
+        self.weight = weight
+        self.packed = packed
+
+
 __all__ = [
-    "NPUBackend", "NPUUnavailableError", "NPUMXWeight", "NPUDualWeight", "check_npu_available", "is_npu_device",
+    "NPUBackend", "NPUInt4Weight", "NPUUnavailableError", "NPUMXWeight", "NPUDualWeight", "check_npu_available", "is_npu_device",
     "INSTALL_HINT", "ACL_FORMAT_FRACTAL_NZ",
 ]
 

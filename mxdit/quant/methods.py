@@ -1,6 +1,6 @@
 """Linear methods: online MXFP8 / MXFP4 / dual-level MXFP4 / FP8, and the
 msmodelslim offline schemes (W8A8_MXFP8, W4A4_MXFP4, W4A4_MXFP4_DUALSCALE,
-W8A8, W8A8_DYNAMIC).
+W8A8, W8A8_DYNAMIC, W4A4_DYNAMIC).
 
 Storage after ``process_weights_after_loading`` (the same names msmodelslim
 uses, so an online-quantized layer looks like a repacked pre-quantized one):
@@ -12,6 +12,8 @@ dual-level MXFP4       weight  packed uint8 [N, K/2]; weight_scale uint8 [N, K/3
                        (L1, E8M0); weight_dual_scale float32 [N, K/512] (L0)
 fp8 (per channel)      weight  float8_e4m3fn [N, K]; weight_scale float32 [N]
 int8 (msmodelslim)     weight  int8 [N, K] + the scheme's scales
+int4 (W4A4_DYNAMIC)    weight  int8 [N, K], one int4 value in [-8, 7] per byte;
+                       weight_scale float32 [N, 1]; weight_offset float32 [N, 1] (zeros)
 all                    bias float32 [N] (added in fp32); mul_scale [K] if smoothed
 =====================  =========================================================
 
@@ -344,6 +346,53 @@ class Int8LinearMethod(QuantizedLinearMethod):
         )
 
 
+class Int4LinearMethod(QuantizedLinearMethod):
+    """msmodelslim W4A4_DYNAMIC (mx-attention.md §5; ascend-npu-mx.md §3.2).
+
+    Weights: int4 per output channel, stored one value per int8 byte [N, K], with
+    fp32 ``weight_scale`` / ``weight_offset`` [N, 1].  Activations: int4 per token,
+    quantized at run time (:func:`mxdit.kernels.base.quantize_int4_per_token`).
+    y = (x_q W_q^T) * x_scale * weight_scale + bias.  msmodelslim can write asymmetric
+    weights (non-zero weight_offset); SGLang ignores the offset (and would compute
+    wrong outputs), mxdit refuses such a layer with a clear error instead.
+    """
+
+    name = "W4A4_DYNAMIC"
+
+    def __init__(self, *, smoothed: bool = False, **kw):
+        super().__init__(**kw)
+        self.smoothed = smoothed
+
+    def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
+        layer.weight = _empty((out_features, in_features), torch.int8, device)
+        set_weight_attrs(layer.weight, weight_loader=int4_weight_loader)
+        layer.weight_scale = _empty((out_features, 1), torch.float32, device)
+        set_weight_attrs(layer.weight_scale, weight_loader=_column_loader)
+        layer.weight_offset = _empty((out_features, 1), torch.float32, device)
+        set_weight_attrs(layer.weight_offset, missing_init="zeros", weight_loader=_column_loader)
+        self.create_bias(layer, out_features, bias, device)
+        if self.smoothed:
+            self.create_mul_scale(layer, in_features, device)
+
+    def process_weights_after_loading(self, layer):
+        off = getattr(layer, "weight_offset", None)
+        if off is not None and bool((off.data != 0).any()):
+            raise ValueError(
+                f"layer '{layer.prefix}': W4A4_DYNAMIC with a non-zero weight_offset (asymmetric int4 weights) "
+                f"is not supported; export symmetric weights"
+            )
+        self.finish_common(layer)
+
+    def prepare(self, layer, kernel):
+        return kernel.prepare_int4_weight(layer.weight.data)
+
+    def forward_2d(self, layer, kernel, x2d, smooth, out_dtype):
+        return kernel.int4_linear(
+            x2d, layer._kernel_weight, layer.bias, weight_scale=layer.weight_scale.data,
+            smooth_scale=smooth, out_dtype=out_dtype,
+        )
+
+
 # ---- weight loaders: checkpoint tensor -> parameter storage ------------------
 
 def check_finite(layer: nn.Module, w: torch.Tensor, chunk_elements: int = 1 << 22) -> None:
@@ -410,3 +459,26 @@ def _any_numeric_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?"
     if t.numel() != param.numel():
         raise _shape_error(name, t.shape, param.shape)
     return t.reshape(param.shape).to(param.dtype)
+
+
+def int4_weight_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
+    """W4A4_DYNAMIC weight: int8 [N, K] holding int4 values, each in [-8, 7]."""
+    if tuple(t.shape) != tuple(param.shape):
+        raise _shape_error(name, t.shape, param.shape)
+    if t.dtype != torch.int8:
+        raise ValueError(f"tensor '{name}': a W4A4_DYNAMIC weight must be int8 (one int4 value per byte), got {t.dtype}")
+    lo, hi = int(t.min()) if t.numel() else 0, int(t.max()) if t.numel() else 0
+    if lo < -8 or hi > 7:
+        raise ValueError(f"tensor '{name}': W4A4_DYNAMIC weight values must be int4 in [-8, 7], found [{lo}, {hi}]")
+    return t
+
+
+def _column_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
+    """Per-channel fp32 [N, 1]; [N] accepted too."""
+    if t.dim() == 1:
+        t = t.unsqueeze(-1)
+    if tuple(t.shape) != tuple(param.shape):
+        raise _shape_error(name, t.shape, param.shape)
+    if not t.is_floating_point():
+        raise ValueError(f"tensor '{name}': expected a floating tensor (float32), got {t.dtype}")
+    return t.to(torch.float32)

@@ -23,7 +23,7 @@ import re
 from typing import Any, Callable, Optional
 
 from mxdit.quant.base import LinearMethod, QuantConfig
-from mxdit.quant.methods import DualMXLinearMethod, Int8LinearMethod, MXLinearMethod
+from mxdit.quant.methods import DualMXLinearMethod, Int4LinearMethod, Int8LinearMethod, MXLinearMethod
 
 DESCRIPTION_FILE = "quant_model_description.json"  # ascendv1 saver
 DESCRIPTION_GLOB = "quant_model_description_*.json"  # mindie-format saver
@@ -34,7 +34,7 @@ HEADER_KEYS = {
     "model_quant_type", "version", "metadata", "group_size", "optional", "kv_cache_type", "fa_quant_type",
     "ignore", "packed_modules_mapping", "quant_method", "reverse_param_names_mapping",
 }
-LABELS = {"FLOAT", "W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W8A8", "W8A8_DYNAMIC"}
+LABELS = {"FLOAT", "W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W8A8", "W8A8_DYNAMIC", "W4A4_DYNAMIC"}
 
 #: description keys that label a module, not a tensor: ``<attn>.quant_type`` ("FP8_DYNAMIC":
 #: msmodelslim's FA3 dynamic quantization of that attention, W8A8F8 / W4A4F8)
@@ -185,6 +185,8 @@ class ModelSlimConfig(QuantConfig):
         if label in ("W8A8", "W8A8_DYNAMIC"):
             kw = {k: v for k, v in self.method_kw.items()}
             return Int8LinearMethod(dynamic=label == "W8A8_DYNAMIC", smoothed=smoothed, **kw)
+        if label == "W4A4_DYNAMIC":
+            return Int4LinearMethod(smoothed=smoothed, **self.method_kw)
         if label == "":
             raise ValueError(
                 f"{self.source}: no entry for layer '{prefix}' (looked for '{prefix}.weight' after mapping "

@@ -87,15 +87,17 @@ SCHEME_FORMAT = {
     "W8A8_MXFP8": "fp8_e4m3",
     "W4A4_MXFP4": "fp4_e2m1",
     "W4A4_MXFP4_DUALSCALE": "fp4_e2m1",
+    "W4A4_DYNAMIC": "int4",  # int4 per output channel (not MX): see quantize_int4_weight
 }
 #: K must be a multiple of this for the scheme
-SCHEME_K_MULTIPLE = {"W8A8_MXFP8": BLOCK, "W4A4_MXFP4": BLOCK, "W4A4_MXFP4_DUALSCALE": DUAL_BLOCK}
+SCHEME_K_MULTIPLE = {"W8A8_MXFP8": BLOCK, "W4A4_MXFP4": BLOCK, "W4A4_MXFP4_DUALSCALE": DUAL_BLOCK,
+                     "W4A4_DYNAMIC": 8}  # the NPU's int4 packing holds 8 values per int32
 
 RULES = ("floor", "rceil", "minmax", "ceil_x", "mse")
 #: rules each element format supports (ceil_x is an MXFP4 method in msmodelslim)
-FORMAT_RULES = {"fp8_e4m3": ("floor", "rceil", "minmax", "mse"), "fp4_e2m1": RULES}
+FORMAT_RULES = {"fp8_e4m3": ("floor", "rceil", "minmax", "mse"), "fp4_e2m1": RULES, "int4": ("minmax",)}
 #: the measured winner per scheme (module docstring)
-DEFAULT_RULES = {"W8A8_MXFP8": "mse", "W4A4_MXFP4": "mse", "W4A4_MXFP4_DUALSCALE": "mse"}
+DEFAULT_RULES = {"W8A8_MXFP8": "mse", "W4A4_MXFP4": "mse", "W4A4_MXFP4_DUALSCALE": "mse", "W4A4_DYNAMIC": "minmax"}
 
 #: rows per chunk are chosen so that a chunk holds about this many elements
 _CHUNK_ELEMENTS = 1 << 18
@@ -249,6 +251,8 @@ class QuantizedWeight:
         """fp32 [N, K]."""
         if self.deq is not None:
             return self.deq
+        if self.fmt == "int4":
+            return self.qdata.to(torch.float32) * self.scale
         if self.dual_scale is not None:
             return self.dual().dequantize(torch.float32)
         return self.mx().dequantize(torch.float32)
@@ -313,6 +317,9 @@ def quantize_weight(w: torch.Tensor, scheme: str, rule: Optional[str] = None, *,
         raise ValueError(f"{scheme} needs K (in_features) to be a multiple of {mult}, got {w.shape[1]}")
     fmt = SCHEME_FORMAT[scheme]
     n, k = w.shape
+    if fmt == "int4":
+        q, scale = quantize_int4_weight(w)
+        return QuantizedWeight(scheme, q, scale, None, q.to(torch.float32) * scale if keep_dequantized else None)
     if scheme == "W4A4_MXFP4_DUALSCALE":
         l0 = torch.empty(n, k // DUAL_BLOCK, dtype=torch.float32, device=w.device)
         codes = torch.empty(n, k, dtype=torch.uint8, device=w.device)
@@ -329,6 +336,26 @@ def quantize_weight(w: torch.Tensor, scheme: str, rule: Optional[str] = None, *,
         return QuantizedWeight(scheme, _pack(codes, fmt), scale, l0, deq)
     codes, scale, deq = _quantize_2d(w, fmt, rule, keep_dequantized)
     return QuantizedWeight(scheme, _pack(codes, fmt), scale, None, deq)
+
+
+INT4_MAX = 7.0
+
+
+def quantize_int4_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W4A4_DYNAMIC weights, symmetric min-max per output channel (the "minmax" rule):
+    scale = max_k |w| / 7 (fp32; all-zero rows get fp32 tiny), q = round(w / scale) (half to even),
+    clamped to [-8, 7].  Returns (q int8 [N, K], scale float32 [N, 1]); weight_offset is zero.
+
+    msmodelslim's W4A4_DYNAMIC processor (ir/w4a4_dynamic.py, mx-attention.md §5) also offers
+    asymmetric weights; SGLang's NPU kernel ignores weight_offset, so mxdit writes symmetric ones only.
+    That msmodelslim's symmetric observer is exactly this min-max rule is our reading, not verified
+    against its code here.
+    """
+    wf = w.to(torch.float32)
+    amax = wf.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = amax / torch.full_like(amax, INT4_MAX)
+    q = torch.round(wf / scale).clamp(-8, 7).to(torch.int8)
+    return q, scale
 
 
 def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:

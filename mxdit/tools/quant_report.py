@@ -31,7 +31,7 @@ from mxdit.quant.offline_rules import QuantizedWeight
 REPORT_MD = "quality_report.md"
 REPORT_PNG = "quality_report.png"
 REPORT_JSON = "quality_report.json"
-SCHEME_ORDER = ("W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE")
+SCHEME_ORDER = ("W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W4A4_DYNAMIC")
 
 
 @dataclass
@@ -90,6 +90,13 @@ class ActQuant:
     def __init__(self, x: torch.Tensor, scheme: str, mul_scale: Optional[torch.Tensor]):
         x = x.to(torch.bfloat16) if x.dtype not in (torch.bfloat16, torch.float16) else x
         self.scheme = scheme
+        if scheme == "W4A4_DYNAMIC":  # int4 per token, as the runtime (mxdit.kernels.base)
+            from mxdit.kernels.base import quantize_int4_per_token
+
+            xs = x if mul_scale is None else x * mul_scale.to(x.device, x.dtype)
+            self.q = quantize_int4_per_token(xs)
+            self.deq = self.q[0].to(torch.float32) * self.q[1]
+            return
         if scheme == "W4A4_MXFP4_DUALSCALE":
             ms = None if mul_scale is None else mul_scale.to(x.device)
             self.q = F.quantize_mx_dual(x, smooth_scale=ms, round_mode="rint")
@@ -100,6 +107,8 @@ class ActQuant:
         self.deq = self.q.dequantize(torch.float32)
 
     def matmul(self, w: QuantizedWeight) -> torch.Tensor:
+        if self.scheme == "W4A4_DYNAMIC":
+            return self.deq @ w.dequantize().t()
         if self.scheme == "W4A4_MXFP4_DUALSCALE":
             return F.dual_mx_matmul(self.q, w.dual(), None, torch.float32)
         return F.mx_matmul(self.q, w.mx(), None, torch.float32)
@@ -139,7 +148,7 @@ def render_markdown(meta: ReportMeta, layers: list[LayerReport]) -> str:
         "SQNR = 10 log10(sum ref^2 / sum (ref - quant)^2), dB, higher is better.  Weight: the effective "
         "dequantized weight deq(W*s)/s against the source weight.  Output: x W^T (no bias) with the runtime "
         "numerics (x * mul_scale, per-token MX activation quantization with floor scales and round-half-even, "
-        "dual-level for DUALSCALE; fp32 accumulation) against the unquantized product on the same rows.",
+        "dual-level for DUALSCALE, int4 per token for W4A4_DYNAMIC; fp32 accumulation) against the unquantized product on the same rows.",
         "",
         "## Summary",
         "",
@@ -166,7 +175,7 @@ def render_png(path: str, meta: ReportMeta, layers: list[LayerReport]) -> None:
     fig = Figure(figsize=(max(8.0, min(0.06 * len(layers) + 6, 30.0)), 7.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 1, sharex=True)
-    markers = {"W8A8_MXFP8": "o", "W4A4_MXFP4": "s", "W4A4_MXFP4_DUALSCALE": "^"}
+    markers = {"W8A8_MXFP8": "o", "W4A4_MXFP4": "s", "W4A4_MXFP4_DUALSCALE": "^", "W4A4_DYNAMIC": "D"}
 
     def finite(v):
         return v if math.isfinite(v) else float("nan")

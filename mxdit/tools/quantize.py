@@ -60,6 +60,9 @@ Tensors per quantized layer L (``P = L``, or ``L.linear`` when smoothed)
                                   the FP4 values (``fp8``, msmodelslim <= 26.0.0);
                                   P.weight_scale uint8 [N,K/32]
     W4A4_MXFP4_DUALSCALE          as W4A4_MXFP4 plus P.weight_dual_scale float32 [N,K/512,1]
+    W4A4_DYNAMIC                  P.weight int8 [N,K] (one int4 value per byte, symmetric min-max per
+                                  channel); P.weight_scale float32 [N,1]; P.weight_offset float32
+                                  zeros [N,1]
     all                           P.bias float32 [N]; smoothed: L.div.mul_scale float32 [K]
                                   (diffusers layout: no wrappers, L.mul_scale and L.weight...)
     ============================  ====================================================
@@ -69,7 +72,9 @@ Tensors per quantized layer L (``P = L``, or ``L.linear`` when smoothed)
     measured winner for every scheme).
 
 Recipes: :mod:`mxdit.tools.recipes` (file format, built-ins ``all-mxfp8``,
-``all-mxfp4``, ``all-mxfp4-dual``, ``msmodelslim-wan2.2``; only block linears by
+``all-mxfp4``, ``all-mxfp4-dual``, ``all-int4``, ``msmodelslim-wan2.2``, and the F8
+``msmodelslim-wan2.2-w8a8f8`` / ``-w4a4f8`` with q_rot / k_rot and FP8_DYNAMIC
+attention entries; only block linears by
 default).  Calibration and smoothing: :mod:`mxdit.tools.calibrate`
 (``--smooth`` defaults to ``calib`` with ``--calib-prompts``, else ``none``;
 ``--smooth-alpha`` needs prompts or ``--smooth data-free``).  Quality report:
@@ -105,6 +110,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mxdit.formats.rotation import HADAMARD_SEED, random_hadamard
 from mxdit.quant.offline_rules import (
     DEFAULT_RULES,
     FORMAT_RULES,
@@ -125,7 +131,7 @@ from mxdit.tools.calibrate import (
     smooth_factors,
 )
 from mxdit.tools.quant_report import ActQuant, LayerReport, ReportMeta, SqnrAccumulator, random_activations, write_report
-from mxdit.tools.recipes import Recipe, RecipeError, canonical_scheme
+from mxdit.tools.recipes import BUILTIN_RECIPES, AttentionPlan, Recipe, RecipeError, canonical_scheme
 from mxdit.kernels import default_device
 from mxdit.tools.repack import EXPERT_SUBDIRS
 
@@ -214,6 +220,9 @@ class ExpertPlan:
     params: list[tuple[str, tuple[int, ...]]]  # model parameter names in model order (and shapes)
     layers: dict[str, LayerPlan]  # model_name -> plan (quantized layers only)
     linear_count: int
+    #: recipe attention directives (W8A8F8 / W4A4F8): per blocks.N.self_attn; None without directives
+    attention: Optional[AttentionPlan] = None
+    head_dim: int = 0
 
     @property
     def title(self) -> str:
@@ -353,7 +362,20 @@ def _plan_expert(key: str, src: str, out_rel: str, recipe: Recipe, rules: dict[s
             f"{', '.join(bad_k[:6])}{' ...' if len(bad_k) > 6 else ''} ({mults}); map them to another scheme or FLOAT"
         )
     plist = [(p, tuple(t.shape)) for p, t in params.items() if p in ckpt.names]
-    return ExpertPlan(key, src, out_rel, ckpt, plist, layers, len(linears))
+    attention = None
+    if recipe.attn_rules:
+        attn_mods = [f"blocks.{i}.{a}" for i in range(ckpt.config.num_layers) for a in ("self_attn", "cross_attn")]
+        try:
+            attention = recipe.attention_plan(attn_mods)
+        except RecipeError as e:
+            raise QuantizeError(f"{e} (model {where})") from None
+        if any(attention.rotation.values()):
+            hd = ckpt.config.attention_head_dim
+            if hd <= 0 or hd & (hd - 1):
+                raise QuantizeError(f"recipe {recipe.name}: the Hadamard rotation needs a power-of-two head_dim, "
+                                    f"model {where} has {hd}")
+    return ExpertPlan(key, src, out_rel, ckpt, plist, layers, len(linears), attention,
+                      ckpt.config.attention_head_dim)
 
 
 # ============================================================================ per-layer work
@@ -389,9 +411,13 @@ def quantize_layer(
     xf = None if x is None else x.to(dev, torch.float32)
     wacc, oacc = SqnrAccumulator(), SqnrAccumulator()
     fmt = SCHEME_FORMAT[plan.scheme]
-    qdata = torch.empty((n, k // 2) if fmt == "fp4_e2m1" else (n, k),
-                        dtype=torch.uint8 if fmt == "fp4_e2m1" else torch.float8_e4m3fn, device=dev)
-    scale = torch.empty(n, k // 32, dtype=torch.uint8, device=dev)
+    if fmt == "int4":  # W4A4_DYNAMIC: int8-held int4 [N, K], fp32 scale [N, 1]
+        qdata = torch.empty(n, k, dtype=torch.int8, device=dev)
+        scale = torch.empty(n, 1, dtype=torch.float32, device=dev)
+    else:
+        qdata = torch.empty((n, k // 2) if fmt == "fp4_e2m1" else (n, k),
+                            dtype=torch.uint8 if fmt == "fp4_e2m1" else torch.float8_e4m3fn, device=dev)
+        scale = torch.empty(n, k // 32, dtype=torch.uint8, device=dev)
     dual = torch.empty(n, k // 512, dtype=torch.float32, device=dev) if plan.scheme == "W4A4_MXFP4_DUALSCALE" else None
     step = _rows_per_chunk(k)
     for r0 in range(0, n, step):
@@ -496,6 +522,8 @@ class _ExpertWriter:
             t = q.scale
         elif what == "weight_dual_scale":
             t = q.dual_scale.unsqueeze(-1)
+        elif what == "weight_offset":
+            t = torch.zeros_like(q.scale)
         else:
             raise AssertionError(what)
         self._remaining[lp.model_name] -= 1
@@ -540,13 +568,20 @@ class _ExpertWriter:
                 if smoothed:
                     mine.append(Entry(ms_name, "FLOAT", torch.float32, (k,),
                                       lambda lp=lp: self._take(lp, "mul_scale")))
-                if fp4 and self.opts.fp4_container == "uint8":
+                int4 = SCHEME_FORMAT[lp.scheme] == "int4"
+                if int4:
+                    wdt, wsh = torch.int8, (n, k)
+                elif fp4 and self.opts.fp4_container == "uint8":
                     wdt, wsh = torch.uint8, (n, k // 2)
                 else:
                     wdt, wsh = torch.float8_e4m3fn, (n, k)
                 mine.append(Entry(pre + ".weight", lp.scheme, wdt, wsh, lambda lp=lp: self._take(lp, "weight")))
-                mine.append(Entry(pre + ".weight_scale", lp.scheme, torch.uint8, (n, k // 32),
+                sdt, ssh = (torch.float32, (n, 1)) if int4 else (torch.uint8, (n, k // 32))
+                mine.append(Entry(pre + ".weight_scale", lp.scheme, sdt, ssh,
                                   lambda lp=lp: self._take(lp, "weight_scale")))
+                if int4:  # msmodelslim writes the (zero, symmetric) offset too
+                    mine.append(Entry(pre + ".weight_offset", lp.scheme, torch.float32, (n, 1),
+                                      lambda lp=lp: self._take(lp, "weight_offset")))
                 if lp.scheme == "W4A4_MXFP4_DUALSCALE":
                     mine.append(Entry(pre + ".weight_dual_scale", lp.scheme, torch.float32, (n, k // 512, 1),
                                       lambda lp=lp: self._take(lp, "weight_dual_scale")))
@@ -557,7 +592,40 @@ class _ExpertWriter:
                 ents.append(Entry(pre + ".bias", label, torch.float32, tuple(info.shape), read(cname, torch.float32)))
             else:  # pragma: no cover - linears have weight and bias only
                 ents.append(Entry(self.out_name(pname), "FLOAT", info.dtype, tuple(info.shape), read(cname)))
+        ents.extend(self._rotation_entries())
         return ents
+
+    def _attn_name(self, orig_attn: str) -> str:
+        """``blocks.N.self_attn`` in this layout (diffusers: ``blocks.N.attn1``, the module the model
+        holds its q_rot / k_rot buffers on; not ``attn1.to_q_rot``, SGLang's repack mismatch)."""
+        if self.opts.layout != "diffusers":
+            return orig_attn
+        return orig_attn.replace(".self_attn", ".attn1")
+
+    def _rotation_entries(self) -> list[Entry]:
+        """msmodelslim's online_quarot tensors: ``<attn>.q_rot`` / ``<attn>.k_rot`` [D, D] bf16, label FLOAT
+        (mindie_format.py on_online_rotation_wrapper saves the matrix as is).  One random Hadamard per
+        head_dim with seed 1234, shared by q and k (model/wan2_2/base_model_adapter.py), so every
+        attention module gets the same matrix; nothing is folded into the q / k weights."""
+        att = self.plan.attention
+        if att is None:
+            return []
+        d = self.plan.head_dim
+        out = []
+        for mod, on in att.rotation.items():
+            if on:
+                for r in ("q_rot", "k_rot"):
+                    out.append(Entry(f"{self._attn_name(mod)}.{r}", "FLOAT", torch.bfloat16, (d, d),
+                                     lambda d=d: random_hadamard(d, HADAMARD_SEED, torch.bfloat16)))
+        return out
+
+    def _attention_descriptions(self) -> dict[str, str]:
+        """``<attn>.quant_type = "FP8_DYNAMIC"`` (mindie_format.py on_activation_per_token: the FA3
+        per-token FP8 activation quantizer's parent module, e.g. ``blocks.3.self_attn``); no tensors."""
+        att = self.plan.attention
+        if att is None:
+            return {}
+        return {f"{self._attn_name(m)}.quant_type": v for m, v in att.quant_type.items() if v is not None}
 
     # ---- files
     def _shards(self, ents: list[Entry]) -> list[tuple[str, list[Entry]]]:
@@ -638,6 +706,7 @@ class _ExpertWriter:
 
         mqt = _model_quant_type({lp.scheme for lp in self.plan.layers.values()})
         labels = {e.name: e.label for e in ents}
+        labels.update(self._attention_descriptions())
         if self.opts.layout == "mindie":
             desc_name = f"quant_model_description_{mqt.lower()}.json"
             description = {**labels, "model_quant_type": mqt}
@@ -865,7 +934,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or original A14B dir (high_noise_model/ + low_noise_model/)")
     g.add_argument("--output", required=True, help="output directory (built in a temporary sibling, then renamed)")
     g.add_argument("--recipe", required=True,
-                   help="built-in (all-mxfp8, all-mxfp4, all-mxfp4-dual, msmodelslim-wan2.2) or a recipe file "
+                   help=f"built-in ({', '.join(BUILTIN_RECIPES)}) or a recipe file "
                         "('PATTERN SCHEME' lines on original Wan layer names, first match wins)")
     g.add_argument("--layout", default="mindie", choices=LAYOUTS,
                    help="mindie (msmodelslim mindie_format_saver, default), ascendv1 (msmodelslim ascendv1_saver), "

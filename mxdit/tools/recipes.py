@@ -14,11 +14,24 @@ File format (plain text, no YAML)::
   ``text_embedding.0``, ``time_embedding.2``, ``time_projection.1``.  ``[0-4]``
   is a single-character class, so ``blocks.[0-4].*`` is blocks 0 to 4 (and not
   10 to 49); write one rule per range beyond that (``blocks.1[0-9].*``).
-* SCHEME is ``W8A8_MXFP8``, ``W4A4_MXFP4``, ``W4A4_MXFP4_DUALSCALE`` or
-  ``FLOAT`` (case-insensitive; aliases ``mxfp8``, ``mxfp4``, ``mxfp4_dual``,
-  ``float``/``bf16``).
+* SCHEME is ``W8A8_MXFP8``, ``W4A4_MXFP4``, ``W4A4_MXFP4_DUALSCALE``,
+  ``W4A4_DYNAMIC`` (int4) or ``FLOAT`` (case-insensitive; aliases ``mxfp8``,
+  ``mxfp4``, ``mxfp4_dual``, ``int4``, ``float``/``bf16``).
 * The first rule that matches a layer wins; a layer no rule matches stays
   FLOAT.
+* Attention (msmodelslim's W8A8F8 / W4A4F8 exports), on original attention
+  module names (``blocks.7.self_attn``), first match wins, self-attention only
+  (cross-attention stays BF16, as in SGLang and MindIE-SD)::
+
+      rotation   blocks.*.self_attn  HADAMARD       # write <attn>.q_rot / <attn>.k_rot (FLOAT)
+      attention  blocks.0.self_attn  FLOAT          # no FA3 quantization here
+      attention  blocks.*.self_attn  FP8_DYNAMIC    # write <attn>.quant_type = "FP8_DYNAMIC"
+
+  The rotation is msmodelslim's ``online_quarot``: a random Hadamard
+  (:func:`mxdit.formats.rotation.random_hadamard`, size head_dim, seed 1234
+  shared by q and k, bf16), applied to q and k at run time; nothing is folded
+  into the q / k weights (msmodelslim's ``OnlineRotationWrapper`` saves the
+  matrix as is, ``mindie_format.py on_online_rotation_wrapper``).
 
 Checks (each a :class:`RecipeError`, i.e. a one-line CLI error, exit 2):
 
@@ -45,12 +58,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-SCHEMES = ("W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "FLOAT")
+SCHEMES = ("W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W4A4_DYNAMIC", "FLOAT")
 _ALIASES = {
     "w8a8_mxfp8": "W8A8_MXFP8", "mxfp8": "W8A8_MXFP8",
     "w4a4_mxfp4": "W4A4_MXFP4", "mxfp4": "W4A4_MXFP4",
     "w4a4_mxfp4_dualscale": "W4A4_MXFP4_DUALSCALE", "mxfp4_dual": "W4A4_MXFP4_DUALSCALE",
     "mxfp4-dual": "W4A4_MXFP4_DUALSCALE", "dualscale": "W4A4_MXFP4_DUALSCALE",
+    "w4a4_dynamic": "W4A4_DYNAMIC", "int4": "W4A4_DYNAMIC",
     "float": "FLOAT", "bf16": "FLOAT", "none": "FLOAT",
 }
 
@@ -58,8 +72,26 @@ BUILTIN_RECIPES: dict[str, str] = {
     "all-mxfp8": "blocks.* W8A8_MXFP8\n",
     "all-mxfp4": "blocks.* W4A4_MXFP4\n",
     "all-mxfp4-dual": "blocks.* W4A4_MXFP4_DUALSCALE\n",
+    "all-int4": "blocks.* W4A4_DYNAMIC\n",
     "msmodelslim-wan2.2": "blocks.[0-4].* W8A8_MXFP8\nblocks.* W4A4_MXFP4\n",
+    # msmodelslim lab_practice/wan2_2/wan2_2_w8a8f8_mxfp_*.yaml: MXFP8 everywhere, quarot + FP8 FA3 on self-attn
+    "msmodelslim-wan2.2-w8a8f8": (
+        "blocks.* W8A8_MXFP8\n"
+        "rotation blocks.*.self_attn HADAMARD\n"
+        "attention blocks.*.self_attn FP8_DYNAMIC\n"
+    ),
+    # wan2_2_w4a4f8_mxfp_t2v.yaml: MXFP4 except blocks 0-4 (MXFP8); quarot on self-attn; FA3 excludes blocks.0
+    "msmodelslim-wan2.2-w4a4f8": (
+        "blocks.[0-4].* W8A8_MXFP8\nblocks.* W4A4_MXFP4\n"
+        "rotation blocks.*.self_attn HADAMARD\n"
+        "attention blocks.0.self_attn FLOAT\n"
+        "attention blocks.*.self_attn FP8_DYNAMIC\n"
+    ),
 }
+
+#: directive -> accepted values (the first is the "off" value)
+ATTENTION_DIRECTIVES = {"rotation": ("FLOAT", "HADAMARD"), "attention": ("FLOAT", "FP8_DYNAMIC")}
+_SELF_ATTN_RE = re.compile(r"^blocks\.\d+\.self_attn$")
 
 _BLOCK_RE = re.compile(r"^blocks\.\d+\.")
 
@@ -101,18 +133,38 @@ class Assignment:
 
 
 @dataclass
+class AttentionPlan:
+    """Per self-attention module (original name ``blocks.N.self_attn``): what to write."""
+
+    rotation: dict[str, bool]  # write q_rot / k_rot
+    quant_type: dict[str, Optional[str]]  # "<attn>.quant_type" value, or None
+
+
+@dataclass
 class Recipe:
     name: str
     rules: list[Rule]
+    #: "rotation" / "attention" directives, in file order
+    attn_rules: list[tuple[str, Rule]] = field(default_factory=list)
 
     @classmethod
     def parse(cls, text: str, name: str = "<recipe>") -> "Recipe":
         rules: list[Rule] = []
+        attn_rules: list[tuple[str, Rule]] = []
         for lineno, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
                 continue
             parts = line.split()
+            if len(parts) == 3 and parts[0].lower() in ATTENTION_DIRECTIVES:
+                kind, pattern, value = parts[0].lower(), parts[1], parts[2].upper()
+                if value not in ATTENTION_DIRECTIVES[kind]:
+                    raise RecipeError(
+                        f"recipe {name} line {lineno}: '{kind}' takes one of {', '.join(ATTENTION_DIRECTIVES[kind])}, "
+                        f"got {parts[2]!r}"
+                    )
+                attn_rules.append((kind, Rule(pattern, value, lineno)))
+                continue
             if len(parts) != 2:
                 raise RecipeError(
                     f"recipe {name} line {lineno}: expected 'PATTERN SCHEME', got {raw.strip()!r}"
@@ -126,7 +178,7 @@ class Recipe:
             rules.append(Rule(pattern, scheme, lineno))
         if not rules:
             raise RecipeError(f"recipe {name} has no rules (expected lines 'PATTERN SCHEME')")
-        return cls(name, rules)
+        return cls(name, rules, attn_rules)
 
     @classmethod
     def load(cls, spec: str) -> "Recipe":
@@ -145,7 +197,31 @@ class Recipe:
         )
 
     def to_text(self) -> str:
-        return "".join(f"{r.pattern} {r.scheme}\n" for r in self.rules)
+        return "".join(f"{r.pattern} {r.scheme}\n" for r in self.rules) + "".join(
+            f"{kind} {r.pattern} {r.scheme}\n" for kind, r in self.attn_rules)
+
+    def attention_plan(self, attention_modules: Iterable[str]) -> AttentionPlan:
+        """Rotation and FA3 settings for the model's attention modules (original names,
+        ``blocks.N.self_attn`` and ``blocks.N.cross_attn``).  A directive that would act on
+        a cross-attention module is an error (self-attention only)."""
+        mods = list(attention_modules)
+        rot: dict[str, bool] = {}
+        qt: dict[str, Optional[str]] = {}
+        for m in mods:
+            for kind in ATTENTION_DIRECTIVES:
+                hit = next((r for k, r in self.attn_rules if k == kind and r.matches(m)), None)
+                on = hit is not None and hit.scheme != ATTENTION_DIRECTIVES[kind][0]
+                if on and not _SELF_ATTN_RE.match(m):
+                    raise RecipeError(
+                        f"recipe {self.name} line {hit.line}: '{kind} {hit.pattern} {hit.scheme}' matches '{m}'; "
+                        f"attention quantization and rotation apply to self-attention (blocks.N.self_attn) only"
+                    )
+                if _SELF_ATTN_RE.match(m):
+                    if kind == "rotation":
+                        rot[m] = on
+                    else:
+                        qt[m] = hit.scheme if on else None
+        return AttentionPlan(rot, qt)
 
     def first_match(self, layer: str) -> Optional[Rule]:
         for r in self.rules:

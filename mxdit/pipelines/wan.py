@@ -16,6 +16,12 @@ Two-expert (A14B) models: a step with timestep ``t >= boundary_ratio * 1000``
 runs the high-noise expert ``transformer`` with ``guidance_scale``; the others
 run the low-noise expert ``transformer_2`` with ``guidance_scale_2``.
 
+Multi-device: the pipeline follows the active :mod:`mxdit.distributed` layout (set by
+``mxdit.distributed.launch`` or ``init_parallel_state``): with CFG parallel the two
+guidance branches run on different ranks and are gathered before the usual formula;
+sequence parallel happens inside mxdit's transformer.  Every rank ends with the same
+latents; only rank 0 decodes.
+
 The transformers are any ``nn.Module`` with diffusers' ``WanTransformer3DModel``
 forward signature and a ``.config`` (a diffusers ``FrozenDict`` or an attribute
 object such as mxdit's own config dataclass): quantized or not, the pipeline

@@ -32,6 +32,13 @@ Devices
     Construction allocates only parameters (``device="meta"`` allocates nothing);
     RoPE tables are built lazily on the input's device.
 
+Sequence parallel
+    When a :mod:`mxdit.distributed` layout with ``sp_degree > 1`` is active, ``forward``
+    shards the tokens after patch embedding (RoPE tables and per-token modulation are
+    built on the full grid, then sliced), wraps the self-attention call in
+    ``mxdist.ulysses`` (cross-attention stays local) and gathers the tokens before
+    ``norm_out``; without a layout every one of these is the identity.
+
 Layouts: latents ``[B, C, F, H, W]``; tokens ``[B, L, D]`` in (frame, row, column)
 order; attention heads ``[B, L, H, head_dim]`` (see :mod:`mxdit.layers.attention`).
 """

@@ -48,17 +48,20 @@ def _cpu_threads(world: int) -> None:
 
 
 def _run_in_group(entry, config, args, *, backend, init_method, rank, world, device, timeout_s,
-                  local_rank: int) -> Any:
+                  local_rank: int, on_error: Optional[Callable[[BaseException], None]] = None) -> Any:
     dev = rank_device(device, local_rank)
     _set_device(dev)
-    if torch.device(dev).type == "cpu":
-        _cpu_threads(world if init_method.startswith("tcp://127.0.0.1") else int(
-            os.environ.get("LOCAL_WORLD_SIZE", world)))
+    if torch.device(dev).type == "cpu":  # ranks on this host: torchrun's LOCAL_WORLD_SIZE, else all of them
+        _cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     dist.init_process_group(backend=backend, init_method=init_method, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     try:
         init_parallel_state(config)
         return entry(*args)
+    except BaseException as e:
+        if on_error is not None:  # report before the teardown makes the peers' collectives fail too
+            on_error(e)
+        raise
     finally:
         clear_parallel_state()
         dist.destroy_process_group()
@@ -67,18 +70,26 @@ def _run_in_group(entry, config, args, *, backend, init_method, rank, world, dev
 def _worker(rank: int, world: int, port: int, backend: str, device: str, config: ParallelConfig,
             entry: Callable, args: tuple, timeout_s: float, results) -> None:
     os.environ["LOCAL_RANK"] = str(rank)  # (RANK / WORLD_SIZE stay unset: this is not torchrun)
-    try:
-        out = _run_in_group(entry, config, args, backend=backend, init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world=world, device=device, timeout_s=timeout_s, local_rank=rank)
-        # plain pickle bytes: torch's queue reductions would share tensor memory with a process about to exit
-        results.put((rank, "ok", pickle.dumps(out if rank == 0 else None)))
-    except BaseException as e:  # sent to the parent, which raises it
+    reported = []
+
+    def report(e: BaseException) -> None:  # sent to the parent, which raises the earliest one
         tb = traceback.format_exc()
         try:
             payload = pickle.dumps(e)
         except Exception:
             payload = None
-        results.put((rank, "error", (payload, f"{type(e).__name__}: {e}", tb)))
+        results.put((rank, "error", (payload, f"{type(e).__name__}: {e}", tb, time.time())))
+        reported.append(True)
+
+    try:
+        out = _run_in_group(entry, config, args, backend=backend, init_method=f"tcp://127.0.0.1:{port}",
+                            rank=rank, world=world, device=device, timeout_s=timeout_s, local_rank=rank,
+                            on_error=report)
+        # plain pickle bytes: torch's queue reductions would share tensor memory with a process about to exit
+        results.put((rank, "ok", pickle.dumps(out if rank == 0 else None)))
+    except BaseException as e:
+        if not reported:  # failed before the entry ran (e.g. the rendezvous)
+            report(e)
 
 
 def launch(entry: Callable[..., Any], config: ParallelConfig, *args: Any, device: str = "cpu",
@@ -137,7 +148,18 @@ def launch(entry: Callable[..., Any], config: ParallelConfig, *args: Any, device
                     raise TimeoutError(f"the {world} ranks did not finish within {join_timeout_s:.0f} s")
                 continue
             if status == "error":
-                payload, summary, tb = value
+                # a failing rank makes its peers' collectives fail too: take the earliest error
+                errors = [(value[3], rank, value)]
+                until = time.monotonic() + 1.0
+                while time.monotonic() < until:
+                    try:
+                        r2, s2, v2 = results.get(timeout=0.1)
+                    except queue_mod.Empty:
+                        continue
+                    if s2 == "error":
+                        errors.append((v2[3], r2, v2))
+                _, rank, value = min(errors, key=lambda e: e[0])
+                payload, summary, tb, _ = value
                 exc = None
                 if payload is not None:
                     try:

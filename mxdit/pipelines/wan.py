@@ -16,6 +16,12 @@ Two-expert (A14B) models: a step with timestep ``t >= boundary_ratio * 1000``
 runs the high-noise expert ``transformer`` with ``guidance_scale``; the others
 run the low-noise expert ``transformer_2`` with ``guidance_scale_2``.
 
+Multi-device: the pipeline follows the active :mod:`mxdit.distributed` layout (set by
+``mxdit.distributed.launch`` or ``init_parallel_state``): with CFG parallel the two
+guidance branches run on different ranks and are gathered before the usual formula;
+sequence parallel happens inside mxdit's transformer.  Every rank ends with the same
+latents; only rank 0 decodes.
+
 The transformers are any ``nn.Module`` with diffusers' ``WanTransformer3DModel``
 forward signature and a ``.config`` (a diffusers ``FrozenDict`` or an attribute
 object such as mxdit's own config dataclass): quantized or not, the pipeline
@@ -37,6 +43,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+from mxdit import distributed as mxdist
 
 from .model_dir import MODEL_DEFAULTS, ModelDirInfo, inspect_model_dir, model_kind
 from .timing import PerfRecorder
@@ -502,6 +510,22 @@ class WanVideoPipeline:
         return video.permute(0, 2, 3, 4, 1).contiguous().cpu()
 
     # ------------------------------------------------------------------ call
+    def _check_parallel(self, num_frames: int, height: int, width: int) -> None:
+        """The active :mod:`mxdit.distributed` layout fits this model and size (one-line error)."""
+        state = mxdist.get_parallel_state()
+        if state is None or state.config.num_gpus == 1:
+            return
+        if state.sp_degree > 1:
+            for name in ("transformer", "transformer_2"):
+                m = getattr(self, name)
+                if m is not None and not getattr(m, "supports_sequence_parallel", False):
+                    raise ValueError(f"{name} ({type(m).__name__}) does not support sequence parallel; "
+                                     "load it with mxdit.load_transformer (the default loader)")
+        st, ss = self.vae_scale_factor_temporal, self.vae_scale_factor_spatial
+        pt, ph, pw = self.patch_size
+        seq_len = ((num_frames - 1) // st + 1) // pt * (height // ss // ph) * (width // ss // pw)
+        state.config.validate(num_heads=_module_config(self.transformer, "num_attention_heads"), seq_len=seq_len)
+
     def resolve_size_for_image(self, image_hw: tuple[int, int]) -> tuple[int, int]:
         """Height/width keeping the image's aspect ratio at the default area, snapped to the size multiple."""
         area = self.defaults["height"] * self.defaults["width"]
@@ -615,6 +639,8 @@ class WanVideoPipeline:
             boundary = self.boundary_ratio if boundary_ratio is None else float(boundary_ratio)
             needs_uncond = guidance_scale > 1.0 or (two_experts and guidance_scale_2 > 1.0)
 
+            self._check_parallel(num_frames, height, width)
+
             if generator is None and seed is not None:
                 generator = torch.Generator("cpu").manual_seed(int(seed))
 
@@ -705,11 +731,21 @@ class WanVideoPipeline:
                             x = latents if condition is None else torch.cat([latents, condition], dim=1)
                             timestep = t.expand(latents.shape[0])
                         x = x.to(self.dtype)
-                        noise_pred = _first_output(model(
-                            hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_embeds,
-                            attention_kwargs=attention_kwargs, return_dict=False,
-                        ))
-                        if scale > 1.0:
+                        if scale > 1.0 and mxdist.cfg_parallel_active():
+                            # CFG parallel: cond on CFG rank 0, uncond on rank 1, gathered; then the
+                            # single-device formula below on every rank (equal latents everywhere)
+                            embeds = prompt_embeds if mxdist.cfg_rank() == 0 else negative_prompt_embeds
+                            noise_pred, noise_uncond = mxdist.gather_cfg(_first_output(model(
+                                hidden_states=x, timestep=timestep, encoder_hidden_states=embeds,
+                                attention_kwargs=attention_kwargs, return_dict=False,
+                            )))
+                            noise_pred = noise_uncond + scale * (noise_pred - noise_uncond)
+                        else:
+                            noise_pred = _first_output(model(
+                                hidden_states=x, timestep=timestep, encoder_hidden_states=prompt_embeds,
+                                attention_kwargs=attention_kwargs, return_dict=False,
+                            ))
+                        if scale > 1.0 and not mxdist.cfg_parallel_active():
                             noise_uncond = _first_output(model(
                                 hidden_states=x, timestep=timestep, encoder_hidden_states=negative_prompt_embeds,
                                 attention_kwargs=attention_kwargs, return_dict=False,
@@ -725,7 +761,7 @@ class WanVideoPipeline:
 
         # ---------------------------------------------------------------- decoding
         frames = None
-        if output_type != "latent":
+        if output_type != "latent" and mxdist.is_rank0():  # under a process group only rank 0 decodes
             with rec.stage("decoding"):
                 video = self._decode(latents)
                 if single:

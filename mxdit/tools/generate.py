@@ -55,6 +55,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--perf-dump-path", default=None, help="write the performance JSON here")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    g = p.add_argument_group("parallelism", "split one video over devices (SGLang's flags; see README "
+                             "'Running on N devices'); also works under torchrun --nproc-per-node N")
+    g.add_argument("--num-gpus", type=int, default=None,
+                   help="ranks to run (spawned here; under torchrun: its world size). Default: 1, or the "
+                        "product of the degrees given")
+    g.add_argument("--ulysses-degree", type=int, default=None,
+                   help="Ulysses sequence-parallel degree (default: the GPUs left after CFG parallel)")
+    g.add_argument("--ring-degree", type=int, default=None, help="ring-attention degree (only 1 is supported)")
+    g.add_argument("--enable-cfg-parallel", action="store_true",
+                   help="conditional and unconditional branches on different ranks (degree 2; on by default "
+                        "when --num-gpus >= 2 and no SP degree is given)")
+    g.add_argument("--tp-size", type=int, default=1, help="tensor parallel (only 1 is supported)")
+    g.add_argument("--master-port", type=int, default=None,
+                   help="rendezvous port on 127.0.0.1 for spawned ranks (default: a free port)")
+    g.add_argument("--dist-timeout", type=float, default=None,
+                   help="seconds a collective may wait before the run fails (default: 1800)")
+
 
 @dataclass
 class GenerateRequest:
@@ -196,25 +213,93 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
     return GenerateRequest(info=info, device=device, dtype=dtype, output=output, perf_path=perf_path, fps=fps)
 
 
+class GenerateFailure(RuntimeError):
+    """A failure while loading or running (exit status 1), raised on any rank."""
+
+
+def parallel_config(args: argparse.Namespace, info: Any) -> Any:
+    """The device layout from the parallelism flags, checked against the model and size (no load)."""
+    from mxdit.distributed import ParallelConfig, ParallelConfigError, under_torchrun
+
+    num_gpus = getattr(args, "num_gpus", None)
+    if num_gpus is None and under_torchrun():
+        num_gpus = int(os.environ["WORLD_SIZE"])
+    d = info.defaults
+    gs = d["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
+    gs2 = d.get("guidance_scale_2") if args.guidance_scale_2 is None else args.guidance_scale_2
+    two_experts = info.boundary_ratio is not None
+    uses_cfg = gs > 1.0 or (two_experts and gs2 is not None and gs2 > 1.0)
+    size_known = args.image is None or (args.height is not None and args.width is not None)
+    seq_len = None
+    if size_known:
+        h = d["height"] if args.height is None else args.height
+        w = d["width"] if args.width is None else args.width
+        f = d["num_frames"] if args.num_frames is None else args.num_frames
+        pt, ph, pw = info.patch_size
+        st, ss = info.vae_scale_temporal, info.vae_scale_spatial
+        seq_len = ((f - 1) // st + 1) // pt * (h // ss // ph) * (w // ss // pw)
+    try:
+        pc = ParallelConfig.resolve(num_gpus=num_gpus, ulysses_degree=args.ulysses_degree,
+                                    ring_degree=args.ring_degree, enable_cfg_parallel=args.enable_cfg_parallel,
+                                    tp_size=args.tp_size, uses_cfg=uses_cfg)
+        pc.validate(num_heads=info.transformer_config.get("num_attention_heads"), seq_len=seq_len,
+                    uses_cfg=uses_cfg)
+        if under_torchrun() and int(os.environ["WORLD_SIZE"]) != pc.num_gpus:
+            raise ParallelConfigError(f"--num-gpus {pc.num_gpus} does not match torchrun's world size "
+                                      f"{os.environ['WORLD_SIZE']}")
+    except ParallelConfigError as e:
+        raise UsageError(str(e)) from None
+    if args.master_port is not None and not 0 < args.master_port < 65536:
+        raise UsageError(f"--master-port must be in 1..65535, got {args.master_port}")
+    if args.dist_timeout is not None and not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    return pc
+
+
 def run(args: argparse.Namespace) -> int:
+    """Validate everything (inputs and the device layout), then run :func:`_run_rank` on every rank."""
     req = validate(args)  # before anything is loaded
+    parallel = parallel_config(args, req.info)
+    from mxdit.distributed import DEFAULT_DIST_TIMEOUT_S, launch
+
+    try:
+        rc = launch(_run_rank, parallel, args, device=req.device, master_port=args.master_port,
+                    timeout_s=args.dist_timeout or DEFAULT_DIST_TIMEOUT_S)
+    except GenerateFailure as e:
+        print(f"mxdit generate: error: {e}", file=sys.stderr)
+        return 1
+    return 0 if rc is None else rc  # None: a non-zero torchrun rank
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    """One rank's generation (all of it without a process group); only rank 0 prints and writes."""
+    from mxdit import distributed as mxdist
+
+    req = validate(args)
+    if mxdist.get_world_size() > 1:
+        req.device = mxdist.rank_device(req.device, mxdist.get_local_rank())
+    rank0 = mxdist.is_rank0()
+    if not rank0:
+        args.no_progress = True
 
     from mxdit.pipelines.timing import write_json_atomic
     from mxdit.pipelines.video import write_mp4
     from mxdit.pipelines.wan import WanVideoPipeline
 
     t0 = time.perf_counter()
-    print(f"loading {req.info.path} ({req.info.kind}) on {req.device}, "
-          f"quantization={args.quantization or 'auto-detect'} ...", file=sys.stderr)
+    if rank0:
+        print(f"loading {req.info.path} ({req.info.kind}) on {req.device}, "
+              f"quantization={args.quantization or 'auto-detect'}"
+              + (f", {mxdist.get_world_size()} ranks" if mxdist.get_world_size() > 1 else "") + " ...",
+              file=sys.stderr)
     try:
         pipe = WanVideoPipeline.from_pretrained(
             req.info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
             device=req.device, dtype=req.dtype, flow_shift=args.flow_shift,
         )
     except (FileNotFoundError, NotImplementedError, ValueError) as e:  # a checkpoint problem found while loading
-        print(f"mxdit generate: error: {e}", file=sys.stderr)
-        return 1
-    if args.quantization is None:
+        raise GenerateFailure(str(e)) from None  # raised, so that every other rank is stopped too
+    if args.quantization is None and rank0:
         print(f"quantization: {pipe.quantization or 'none'} (detected)", file=sys.stderr)
     try:
         out = pipe(
@@ -225,6 +310,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:  # e.g. an image-derived size the model cannot take
         raise UsageError(str(e)) from None
+    if not rank0:
+        return 0
     write_mp4(out.frames, req.output, fps=req.fps)
     perf = out.perf
     perf["output"] = str(req.output)

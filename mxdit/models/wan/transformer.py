@@ -32,6 +32,13 @@ Devices
     Construction allocates only parameters (``device="meta"`` allocates nothing);
     RoPE tables are built lazily on the input's device.
 
+Sequence parallel
+    When a :mod:`mxdit.distributed` layout with ``sp_degree > 1`` is active, ``forward``
+    shards the tokens after patch embedding (RoPE tables and per-token modulation are
+    built on the full grid, then sliced), wraps the self-attention call in
+    ``mxdist.ulysses`` (cross-attention stays local) and gathers the tokens before
+    ``norm_out``; without a layout every one of these is the identity.
+
 Layouts: latents ``[B, C, F, H, W]``; tokens ``[B, L, D]`` in (frame, row, column)
 order; attention heads ``[B, L, H, head_dim]`` (see :mod:`mxdit.layers.attention`).
 """
@@ -45,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mxdit import distributed as mxdist
 from mxdit.layers.attention import attention
 from mxdit.layers.linear import QuantLinear
 from mxdit.layers.norms import FP32LayerNorm, RMSNorm
@@ -167,8 +175,12 @@ class WanAttention(nn.Module):
             query = apply_rotary_emb(query, *rotary_emb)
             key = apply_rotary_emb(key, *rotary_emb)
 
-        out = attention(query, key, value, backend=self.attention_quantization, self_attention=encoder_hidden_states is None,
-                        q_rot=self.q_rot, k_rot=self.k_rot).flatten(2, 3).type_as(query)
+        # self-attention runs Ulysses sequence parallel when a layout is active (mxdit.distributed);
+        # cross-attention stays local: every rank holds the whole text K/V
+        self_attention = encoder_hidden_states is None
+        attend = mxdist.ulysses(attention) if self_attention else attention
+        out = attend(query, key, value, backend=self.attention_quantization, self_attention=self_attention,
+                     q_rot=self.q_rot, k_rot=self.k_rot).flatten(2, 3).type_as(query)
         if encoder_hidden_states_image is not None:
             if self.add_k_proj is None:
                 raise ValueError("image context given to an attention layer without add_k_proj/add_v_proj "
@@ -358,6 +370,8 @@ class WanTransformer3DModel(nn.Module):
 
     _keep_in_fp32_modules = list(KEEP_IN_FP32_MODULES)
     _no_split_modules = ["WanTransformerBlock"]
+    #: forward follows the active mxdit.distributed layout (Ulysses SP); the pipeline checks this
+    supports_sequence_parallel = True
 
     def __init__(
         self,
@@ -488,8 +502,17 @@ class WanTransformer3DModel(nn.Module):
         # [B, 6, D], or [B, L, 6, D] for per-token timesteps
         timestep_proj = timestep_proj.unflatten(-1, (6, -1))
 
+        # sequence parallel: this rank's tokens; RoPE and per-token modulation were built on the full grid
+        if mxdist.sequence_parallel_active():
+            hidden_states = mxdist.shard_tokens(hidden_states, dim=1)
+            rotary_emb = tuple(mxdist.shard_tokens(t, dim=1) for t in rotary_emb)
+            if timestep_proj.ndim == 4:
+                timestep_proj = mxdist.shard_tokens(timestep_proj, dim=1)
+
         for block in self.blocks:
             hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb, image_context)
+
+        hidden_states = mxdist.gather_tokens(hidden_states, dim=1)  # the output head sees every token
 
         # output modulation: temb [B, D] or [B, L, D]
         shift, scale = (self.scale_shift_table.squeeze(0) + temb.unsqueeze(-2)).unbind(dim=-2)

@@ -116,8 +116,6 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
         info = inspect_model_dir(args.model_path)
     except ModelDirError as e:
         raise UsageError(f"--model-path: {e}") from None
-    d = info.defaults
-
     if args.quantization is not None:
         methods = available_quant_methods()
         if args.quantization not in methods:
@@ -136,54 +134,18 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
                                  "(an msmodelslim export goes through 'mxdit repack' first)")
     if args.dtype.lower() not in DTYPES:
         raise UsageError(f"unknown --dtype {args.dtype!r} (choose from: bf16, fp16, fp32)")
-    if not args.prompt.strip():
-        raise UsageError("--prompt is empty")
+    from mxdit.pipelines.inputs import InputError, check_sampling_inputs
 
-    st = info.vae_scale_temporal
-    if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % st):
-        raise UsageError(f"--num-frames must be {st}n+1 (e.g. {d['num_frames']}), got {args.num_frames}")
-    mh, mw = info.size_multiple
-    for flag, value, m in (("--height", args.height, mh), ("--width", args.width, mw)):
-        if value is not None and (value <= 0 or value % m):
-            raise UsageError(
-                f"{flag} must be a positive multiple of {m} for {info.name} (VAE stride {info.vae_scale_spatial} "
-                f"x patch {info.patch_size[1]}), got {value}"
-            )
-    if args.num_inference_steps is not None and args.num_inference_steps < 1:
-        raise UsageError(f"--num-inference-steps must be >= 1, got {args.num_inference_steps}")
-    for flag, value in (("--guidance-scale", args.guidance_scale), ("--guidance-scale-2", args.guidance_scale_2)):
-        if value is not None and value < 0:
-            raise UsageError(f"{flag} must be >= 0, got {value}")
-    two_experts = info.boundary_ratio is not None
-    if args.guidance_scale_2 is not None and not two_experts:
-        raise UsageError(f"--guidance-scale-2 applies to two-expert (A14B) models; {info.name} is {info.kind}")
-    if args.boundary_ratio is not None:
-        if not two_experts:
-            raise UsageError(f"--boundary-ratio applies to two-expert (A14B) models; {info.name} is {info.kind}")
-        if not 0.0 <= args.boundary_ratio <= 1.0:
-            raise UsageError(f"--boundary-ratio must be in [0, 1], got {args.boundary_ratio}")
-    if args.flow_shift is not None and args.flow_shift <= 0:
-        raise UsageError(f"--flow-shift must be > 0, got {args.flow_shift}")
-
-    if args.image is not None:
-        if not info.accepts_image:
-            raise UsageError(f"--image given, but {info.name} is a text-to-video model ({info.kind})")
-        img = Path(args.image)
-        if not img.is_file():
-            raise UsageError(f"--image {args.image} does not exist")
-        try:
-            from PIL import Image
-
-            with Image.open(img) as im:
-                im.verify()
-        except Exception as e:
-            raise UsageError(f"--image {args.image} is not a readable image ({e})") from None
-    elif info.needs_image:
-        raise UsageError(f"{info.name} is an image-to-video model ({info.kind}); pass --image")
-
-    fps = d["fps"] if args.fps is None else args.fps
-    if fps < 1:
-        raise UsageError(f"--fps must be >= 1, got {fps}")
+    try:
+        fps = check_sampling_inputs(
+            info, prompt=args.prompt, num_frames=args.num_frames, height=args.height, width=args.width,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+            guidance_scale_2=args.guidance_scale_2, boundary_ratio=args.boundary_ratio,
+            flow_shift=args.flow_shift, image=args.image, fps=args.fps,
+            name=lambda f: "--" + f.replace("_", "-"),
+        )
+    except InputError as e:
+        raise UsageError(str(e)) from None
     output = _check_output_path("--output", args.output, ".mp4")
     perf_path = _check_output_path("--perf-dump-path", args.perf_dump_path) if args.perf_dump_path else None
     if perf_path is not None and perf_path.resolve() == output.resolve():

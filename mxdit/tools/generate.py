@@ -34,9 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, npu (default: the first accelerator, else cpu)")
     g.add_argument("--dtype", default="bf16", help="transformer/text-encoder dtype: bf16 (default), fp16, fp32")
     g.add_argument("--flow-shift", type=float, default=None, help="override the scheduler config's flow_shift")
+    g.add_argument("--attention-backend", default=None,
+                   help="attention backend (see mxdit.layers.attention.available_attention_backends())")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", default=None, help="the prompt (or --prompt-file-path)")
+    g.add_argument("--prompt-file-path", default=None, help="one prompt per line: one video each, named <name>_<i>.mp4")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--image", "--image-path", dest="image", default=None,
                    help="conditioning image (I2V-A14B: required; TI2V-5B: optional; T2V: not allowed)")
@@ -50,7 +53,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("output")
-    g.add_argument("--output", "--output-file-path", dest="output", default="output.mp4", help="MP4 file to write")
+    g.add_argument("--output-path", default="outputs", help="folder for the video (default outputs/)")
+    g.add_argument("--output-file-name", default=None, help="file name in --output-path (.mp4 appended; default output)")
+    g.add_argument("--output", "--output-file-path", dest="output", default=None,
+                   help="the MP4 file to write (a full path; overrides --output-path/--output-file-name)")
     g.add_argument("--fps", type=int, default=None, help="frames per second (default: the model's, 16 or 24)")
     g.add_argument("--perf-dump-path", default=None, help="write the performance JSON here")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -136,9 +142,28 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
         raise UsageError(f"unknown --dtype {args.dtype!r} (choose from: bf16, fp16, fp32)")
     from mxdit.pipelines.inputs import InputError, check_sampling_inputs
 
+    if args.attention_backend is not None:
+        from mxdit.layers.attention import available_attention_backends
+
+        if args.attention_backend not in available_attention_backends():
+            raise UsageError(f"unknown --attention-backend {args.attention_backend!r} "
+                             f"(choose from: {', '.join(available_attention_backends())})")
+    if (args.prompt is None) == (args.prompt_file_path is None):
+        raise UsageError("pass exactly one of --prompt and --prompt-file-path")
+    if args.prompt_file_path is not None:
+        try:
+            lines = Path(args.prompt_file_path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompt-file-path {args.prompt_file_path}: cannot read ({e})") from None
+        args.prompts = [ln.strip() for ln in lines if ln.strip()]
+        if not args.prompts:
+            raise UsageError(f"--prompt-file-path {args.prompt_file_path} has no prompts")
+    else:
+        args.prompts = [args.prompt]
+
     try:
         fps = check_sampling_inputs(
-            info, prompt=args.prompt, num_frames=args.num_frames, height=args.height, width=args.width,
+            info, prompt=args.prompts[0], num_frames=args.num_frames, height=args.height, width=args.width,
             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
             guidance_scale_2=args.guidance_scale_2, boundary_ratio=args.boundary_ratio,
             flow_shift=args.flow_shift, image=args.image, fps=args.fps,
@@ -146,7 +171,14 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
         )
     except InputError as e:
         raise UsageError(str(e)) from None
-    output = _check_output_path("--output", args.output, ".mp4")
+    if args.output is not None:
+        output = _check_output_path("--output", args.output, ".mp4")
+    else:
+        name = args.output_file_name or "output"
+        if Path(name).name != name or name in (".", ".."):
+            raise UsageError(f"--output-file-name {name!r} must be a file name, not a path")
+        name = name if name.lower().endswith(".mp4") else name + ".mp4"
+        output = _check_output_path("--output-path", str(Path(args.output_path).expanduser() / name), ".mp4")
     perf_path = _check_output_path("--perf-dump-path", args.perf_dump_path) if args.perf_dump_path else None
     if perf_path is not None and perf_path.resolve() == output.resolve():
         raise UsageError("--perf-dump-path and --output are the same file")
@@ -178,27 +210,37 @@ def run(args: argparse.Namespace) -> int:
         return 1
     if args.quantization is None:
         print(f"quantization: {pipe.quantization or 'none'} (detected)", file=sys.stderr)
-    try:
-        out = pipe(
-            args.prompt, args.negative_prompt, image=args.image, height=args.height, width=args.width,
-            num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2,
-            boundary_ratio=args.boundary_ratio, seed=args.seed, progress=not args.no_progress,
+    if args.attention_backend is not None:
+        from mxdit.layers.attention import set_attention_backend
+
+        set_attention_backend(args.attention_backend)
+    many = len(args.prompts) > 1
+    for i, prompt in enumerate(args.prompts):
+        output = req.output.with_name(f"{req.output.stem}_{i}{req.output.suffix}") if many else req.output
+        perf_path = req.perf_path
+        if many and perf_path is not None:
+            perf_path = perf_path.with_name(f"{perf_path.stem}_{i}{perf_path.suffix}")
+        try:
+            out = pipe(
+                prompt, args.negative_prompt, image=args.image, height=args.height, width=args.width,
+                num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2,
+                boundary_ratio=args.boundary_ratio, seed=args.seed, progress=not args.no_progress,
+            )
+        except ValueError as e:  # e.g. an image-derived size the model cannot take
+            raise UsageError(str(e)) from None
+        write_mp4(out.frames, output, fps=req.fps)
+        perf = out.perf
+        perf["output"] = str(output)
+        perf["fps"] = req.fps
+        if perf_path is not None:
+            write_json_atomic(perf_path, perf)
+        f, h, w = out.frames.shape[:3]
+        s = perf["stages"]
+        print(
+            f"wrote {output} ({f} frames, {h}x{w}, {req.fps} fps): total {perf['total_duration_ms'] / 1e3:.2f} s, "
+            f"denoising {s.get('denoising', 0.0) / 1e3:.2f} s, load {perf.get('model_load_ms') or 0.0:.0f} ms"
+            + (f"; perf -> {perf_path}" if perf_path else "")
+            + f" [{time.perf_counter() - t0:.1f} s wall]"
         )
-    except ValueError as e:  # e.g. an image-derived size the model cannot take
-        raise UsageError(str(e)) from None
-    write_mp4(out.frames, req.output, fps=req.fps)
-    perf = out.perf
-    perf["output"] = str(req.output)
-    perf["fps"] = req.fps
-    if req.perf_path is not None:
-        write_json_atomic(req.perf_path, perf)
-    f, h, w = out.frames.shape[:3]
-    s = perf["stages"]
-    print(
-        f"wrote {req.output} ({f} frames, {h}x{w}, {req.fps} fps): total {perf['total_duration_ms'] / 1e3:.2f} s, "
-        f"denoising {s.get('denoising', 0.0) / 1e3:.2f} s, load {perf.get('model_load_ms') or 0.0:.0f} ms"
-        + (f"; perf -> {req.perf_path}" if req.perf_path else "")
-        + f" [{time.perf_counter() - t0:.1f} s wall]"
-    )
     return 0

@@ -24,6 +24,7 @@ from typing import Sequence
 #: (command, module, one-line help).  Imported lazily, on use.
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("generate", "mxdit.tools.generate", "generate a video with a Wan2.2 model (optionally MX-quantized)"),
+    ("serve", "mxdit.tools.serve", "serve the /v1/videos API (SGLang / OpenAI style) with one loaded model"),
     ("compare-perf", "mxdit.tools.compare_perf", "compare performance JSON files (markdown report)"),
     ("demo", "mxdit.tools.demo", "offline demo: a tiny random Wan2.2 model in BF16, MXFP8 and MXFP4"),
     # ---- slots for tools owned by other modules (registered always, imported on use) ----

@@ -281,3 +281,22 @@ def test_generate_checkpoint_problem_found_while_loading_is_one_clean_error(t2v_
     assert rc == 1
     assert "mxdit generate: error: checkpoint" in err and "does not match the model" in err and "ffn" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_generate_sglang_output_flags_and_prompt_file(t2v_dir, tmp_path, capsys):
+    import imageio.v3 as iio
+
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("a red fox\n\na blue bird\n")
+    base = ["generate", "--model-path", str(t2v_dir), *SMALL, "--dtype", "fp32", "--device", "cpu", "--no-progress"]
+    assert main([*base, "--prompt-file-path", str(pf), "--output-path", str(tmp_path / "o"),
+                 "--output-file-name", "fox"]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["fox_0.mp4", "fox_1.mp4"]
+    assert main([*base, "--prompt", "a red fox", "--output-path", str(tmp_path / "o"),
+                 "--output-file-name", "one.mp4"]) == 0
+    np.testing.assert_array_equal(iio.imread(tmp_path / "o" / "one.mp4", index=None),
+                                  iio.imread(tmp_path / "o" / "fox_0.mp4", index=None))
+    capsys.readouterr()
+    assert main([*base, "--prompt", "x", "--attention-backend", "nope"]) == 2
+    assert "--attention-backend" in capsys.readouterr().err
+    assert main([*base, "--prompt", "x", "--output-file-name", "../x"]) == 2

@@ -34,9 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, npu (default: the first accelerator, else cpu)")
     g.add_argument("--dtype", default="bf16", help="transformer/text-encoder dtype: bf16 (default), fp16, fp32")
     g.add_argument("--flow-shift", type=float, default=None, help="override the scheduler config's flow_shift")
+    g.add_argument("--attention-backend", default=None,
+                   help="self-attention: mxfp8, mxfp8_rotated, fp8_block, fp8_block_rotated, or sdpa / none (unquantized); "
+                        "default: unquantized unless SGLANG_DIFFUSION_ENABLE_MXFP8_ATTENTION=1 or the checkpoint says FP8_DYNAMIC")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", default=None, help="the prompt (or --prompt-file-path)")
+    g.add_argument("--prompt-file-path", default=None, help="one prompt per line: one video each, named <name>_<i>.mp4")
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--image", "--image-path", dest="image", default=None,
                    help="conditioning image (I2V-A14B: required; TI2V-5B: optional; T2V: not allowed)")
@@ -50,7 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("output")
-    g.add_argument("--output", "--output-file-path", dest="output", default="output.mp4", help="MP4 file to write")
+    g.add_argument("--output-path", default="outputs", help="folder for the video (default outputs/)")
+    g.add_argument("--output-file-name", default=None, help="file name in --output-path (.mp4 appended; default output)")
+    g.add_argument("--output", "--output-file-path", dest="output", default=None,
+                   help="the MP4 file to write (a full path; overrides --output-path/--output-file-name)")
     g.add_argument("--fps", type=int, default=None, help="frames per second (default: the model's, 16 or 24)")
     g.add_argument("--perf-dump-path", default=None, help="write the performance JSON here")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -133,8 +140,6 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
         info = inspect_model_dir(args.model_path)
     except ModelDirError as e:
         raise UsageError(f"--model-path: {e}") from None
-    d = info.defaults
-
     if args.quantization is not None:
         methods = available_quant_methods()
         if args.quantization not in methods:
@@ -153,55 +158,45 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
                                  "(an msmodelslim export goes through 'mxdit repack' first)")
     if args.dtype.lower() not in DTYPES:
         raise UsageError(f"unknown --dtype {args.dtype!r} (choose from: bf16, fp16, fp32)")
-    if not args.prompt.strip():
-        raise UsageError("--prompt is empty")
+    from mxdit.pipelines.inputs import InputError, check_sampling_inputs
 
-    st = info.vae_scale_temporal
-    if args.num_frames is not None and (args.num_frames < 1 or (args.num_frames - 1) % st):
-        raise UsageError(f"--num-frames must be {st}n+1 (e.g. {d['num_frames']}), got {args.num_frames}")
-    mh, mw = info.size_multiple
-    for flag, value, m in (("--height", args.height, mh), ("--width", args.width, mw)):
-        if value is not None and (value <= 0 or value % m):
-            raise UsageError(
-                f"{flag} must be a positive multiple of {m} for {info.name} (VAE stride {info.vae_scale_spatial} "
-                f"x patch {info.patch_size[1]}), got {value}"
-            )
-    if args.num_inference_steps is not None and args.num_inference_steps < 1:
-        raise UsageError(f"--num-inference-steps must be >= 1, got {args.num_inference_steps}")
-    for flag, value in (("--guidance-scale", args.guidance_scale), ("--guidance-scale-2", args.guidance_scale_2)):
-        if value is not None and value < 0:
-            raise UsageError(f"{flag} must be >= 0, got {value}")
-    two_experts = info.boundary_ratio is not None
-    if args.guidance_scale_2 is not None and not two_experts:
-        raise UsageError(f"--guidance-scale-2 applies to two-expert (A14B) models; {info.name} is {info.kind}")
-    if args.boundary_ratio is not None:
-        if not two_experts:
-            raise UsageError(f"--boundary-ratio applies to two-expert (A14B) models; {info.name} is {info.kind}")
-        if not 0.0 <= args.boundary_ratio <= 1.0:
-            raise UsageError(f"--boundary-ratio must be in [0, 1], got {args.boundary_ratio}")
-    if args.flow_shift is not None and args.flow_shift <= 0:
-        raise UsageError(f"--flow-shift must be > 0, got {args.flow_shift}")
+    if args.attention_backend is not None:
+        from mxdit.layers.attention import available_attention_backends
 
-    if args.image is not None:
-        if not info.accepts_image:
-            raise UsageError(f"--image given, but {info.name} is a text-to-video model ({info.kind})")
-        img = Path(args.image)
-        if not img.is_file():
-            raise UsageError(f"--image {args.image} does not exist")
+        if args.attention_backend not in (*available_attention_backends(), "none"):
+            raise UsageError(f"unknown --attention-backend {args.attention_backend!r} "
+                             f"(choose from: {', '.join(available_attention_backends())})")
+    if (args.prompt is None) == (args.prompt_file_path is None):
+        raise UsageError("pass exactly one of --prompt and --prompt-file-path")
+    if args.prompt_file_path is not None:
         try:
-            from PIL import Image
+            lines = Path(args.prompt_file_path).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--prompt-file-path {args.prompt_file_path}: cannot read ({e})") from None
+        args.prompts = [ln.strip() for ln in lines if ln.strip()]
+        if not args.prompts:
+            raise UsageError(f"--prompt-file-path {args.prompt_file_path} has no prompts")
+    else:
+        args.prompts = [args.prompt]
 
-            with Image.open(img) as im:
-                im.verify()
-        except Exception as e:
-            raise UsageError(f"--image {args.image} is not a readable image ({e})") from None
-    elif info.needs_image:
-        raise UsageError(f"{info.name} is an image-to-video model ({info.kind}); pass --image")
-
-    fps = d["fps"] if args.fps is None else args.fps
-    if fps < 1:
-        raise UsageError(f"--fps must be >= 1, got {fps}")
-    output = _check_output_path("--output", args.output, ".mp4")
+    try:
+        fps = check_sampling_inputs(
+            info, prompt=args.prompts[0], num_frames=args.num_frames, height=args.height, width=args.width,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+            guidance_scale_2=args.guidance_scale_2, boundary_ratio=args.boundary_ratio,
+            flow_shift=args.flow_shift, image=args.image, fps=args.fps,
+            name=lambda f: "--" + f.replace("_", "-"),
+        )
+    except InputError as e:
+        raise UsageError(str(e)) from None
+    if args.output is not None:
+        output = _check_output_path("--output", args.output, ".mp4")
+    else:
+        name = args.output_file_name or "output"
+        if Path(name).name != name or name in (".", ".."):
+            raise UsageError(f"--output-file-name {name!r} must be a file name, not a path")
+        name = name if name.lower().endswith(".mp4") else name + ".mp4"
+        output = _check_output_path("--output-path", str(Path(args.output_path).expanduser() / name), ".mp4")
     perf_path = _check_output_path("--perf-dump-path", args.perf_dump_path) if args.perf_dump_path else None
     if perf_path is not None and perf_path.resolve() == output.resolve():
         raise UsageError("--perf-dump-path and --output are the same file")
@@ -296,34 +291,41 @@ def _run_rank(args: argparse.Namespace) -> int:
         pipe = WanVideoPipeline.from_pretrained(
             req.info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
             device=req.device, dtype=req.dtype, flow_shift=args.flow_shift,
+            attention_quantization=args.attention_backend,  # None: SGLang's env switch decides
         )
     except (FileNotFoundError, NotImplementedError, ValueError) as e:  # a checkpoint problem found while loading
         raise GenerateFailure(str(e)) from None  # raised, so that every other rank is stopped too
     if args.quantization is None and rank0:
         print(f"quantization: {pipe.quantization or 'none'} (detected)", file=sys.stderr)
-    try:
-        out = pipe(
-            args.prompt, args.negative_prompt, image=args.image, height=args.height, width=args.width,
-            num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2,
-            boundary_ratio=args.boundary_ratio, seed=args.seed, progress=not args.no_progress,
+    many = len(args.prompts) > 1
+    for i, prompt in enumerate(args.prompts):
+        output = req.output.with_name(f"{req.output.stem}_{i}{req.output.suffix}") if many else req.output
+        perf_path = req.perf_path
+        if many and perf_path is not None:
+            perf_path = perf_path.with_name(f"{perf_path.stem}_{i}{perf_path.suffix}")
+        try:
+            out = pipe(
+                prompt, args.negative_prompt, image=args.image, height=args.height, width=args.width,
+                num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2,
+                boundary_ratio=args.boundary_ratio, seed=args.seed, progress=not args.no_progress,
+            )
+        except ValueError as e:  # e.g. an image-derived size the model cannot take
+            raise UsageError(str(e)) from None
+        if not rank0:
+            continue
+        write_mp4(out.frames, output, fps=req.fps)
+        perf = out.perf
+        perf["output"] = str(output)
+        perf["fps"] = req.fps
+        if perf_path is not None:
+            write_json_atomic(perf_path, perf)
+        f, h, w = out.frames.shape[:3]
+        s = perf["stages"]
+        print(
+            f"wrote {output} ({f} frames, {h}x{w}, {req.fps} fps): total {perf['total_duration_ms'] / 1e3:.2f} s, "
+            f"denoising {s.get('denoising', 0.0) / 1e3:.2f} s, load {perf.get('model_load_ms') or 0.0:.0f} ms"
+            + (f"; perf -> {perf_path}" if perf_path else "")
+            + f" [{time.perf_counter() - t0:.1f} s wall]"
         )
-    except ValueError as e:  # e.g. an image-derived size the model cannot take
-        raise UsageError(str(e)) from None
-    if not rank0:
-        return 0
-    write_mp4(out.frames, req.output, fps=req.fps)
-    perf = out.perf
-    perf["output"] = str(req.output)
-    perf["fps"] = req.fps
-    if req.perf_path is not None:
-        write_json_atomic(req.perf_path, perf)
-    f, h, w = out.frames.shape[:3]
-    s = perf["stages"]
-    print(
-        f"wrote {req.output} ({f} frames, {h}x{w}, {req.fps} fps): total {perf['total_duration_ms'] / 1e3:.2f} s, "
-        f"denoising {s.get('denoising', 0.0) / 1e3:.2f} s, load {perf.get('model_load_ms') or 0.0:.0f} ms"
-        + (f"; perf -> {req.perf_path}" if req.perf_path else "")
-        + f" [{time.perf_counter() - t0:.1f} s wall]"
-    )
     return 0

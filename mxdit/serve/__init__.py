@@ -1,0 +1,1 @@
+"""``mxdit serve``: SGLang's / OpenAI's ``/v1/videos`` API over one loaded pipeline."""

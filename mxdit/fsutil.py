@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -75,3 +76,46 @@ def atomic_file(path: "str | os.PathLike", suffix: str = ".tmp") -> Iterator[str
         except OSError:
             pass
         raise
+
+
+# ---- strict JSON (inputs) ------------------------------------------------------------------
+# Python's json keeps the last of duplicate keys and accepts NaN/Infinity; a file read from
+# disk gets neither.  Used by the loader (headers, indexes, config.json) and the description
+# parser; ``error`` is the caller's one error type.
+
+def parse_json_strict(raw: bytes, where: str, what: str = "JSON", *, error: type = ValueError):
+    """Parse ``raw`` (UTF-8 JSON): duplicate keys, NaN/Infinity, bad UTF-8 and deep nesting
+    raise ``error`` with a one-line message naming ``where``."""
+    class _Dup(Exception):
+        pass
+
+    def pairs(items):
+        d = {}
+        for k, v in items:
+            if k in d:
+                raise _Dup(k)
+            d[k] = v
+        return d
+
+    def constant(c):
+        raise ValueError(f"non-finite number {c}")
+
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=pairs, parse_constant=constant)
+    except _Dup as e:
+        raise error(f"'{where}': duplicate key {e.args[0]!r} in {what}") from None
+    except RecursionError:
+        raise error(f"'{where}': {what} is nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise error(f"'{where}': {what} is not valid JSON ({msg})") from None
+
+
+def read_json_strict(path: str, what: str = "JSON file", *, error: type = ValueError):
+    """:func:`parse_json_strict` of a file; an unreadable file raises ``error`` too."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise error(f"cannot read '{path}': {e.strerror or e}") from None
+    return parse_json_strict(raw, path, what, error=error)

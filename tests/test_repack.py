@@ -82,7 +82,7 @@ def test_repack_a14b_layout_and_names(a14b, capsys):
     # inputs untouched (bytes and mtimes), nothing else created next to the output
     assert {k: v for k, v in tree_state(a14b["tmp"]).items() if not k.startswith("out" + os.sep)} == before
     assert sorted(os.listdir(a14b["tmp"])) == ["Wan2.2-T2V-A14B-Diffusers", "out", "quant"]
-    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "tokenizer", "transformer", "transformer_2",
+    assert sorted(os.listdir(out)) == [".mxdit-output.json", "model_index.json", "scheduler", "tokenizer", "transformer", "transformer_2",
                                        "vae"]
     for t in ("transformer", "transformer_2"):
         assert sorted(os.listdir(out / t)) == ["config.json", "diffusion_pytorch_model.safetensors",
@@ -107,7 +107,7 @@ def test_repack_ti2v_and_ascendv1_export(tmp_path):
     write_float_export(model / "transformer", quant, saver="ascendv1", shards=2)
     counts = repack("Wan2.2-TI2V-5B", str(model), str(quant), str(tmp_path / "out"))
     assert counts == {"transformer": len(sd) + 1}
-    assert sorted(os.listdir(tmp_path / "out")) == ["model_index.json", "transformer"]
+    assert sorted(os.listdir(tmp_path / "out")) == [".mxdit-output.json", "model_index.json", "transformer"]
     got = load_file(str(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert "blocks.1.ffn.net.2.weight" in got and "scale_shift_table" in got and "head.modulation" not in got
     desc = json.loads((tmp_path / "out" / "transformer" / "quant_model_description.json").read_text())
@@ -136,8 +136,17 @@ def test_existing_output_refused_then_overwritten(a14b, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err
     assert tree_state(out) == before and not _leftovers(a14b["tmp"])
+    # --overwrite never replaces a directory mxdit did not write
+    assert _cli(a14b, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not written by mxdit" in err
+    assert tree_state(out) == before and not _leftovers(a14b["tmp"])
+    os.remove(out / "sentinel.txt")
+    os.rmdir(out)
+    assert _cli(a14b, out) == 0
+    (out / "sentinel.txt").write_text("mine")  # inside an output mxdit wrote
     assert _cli(a14b, out, "--overwrite") == 0
-    assert not (out / "sentinel.txt").exists()
+    assert not (out / "sentinel.txt").exists() and not _leftovers(a14b["tmp"])
     assert (out / "transformer_2" / "diffusion_pytorch_model.safetensors").is_file()
     assert not _leftovers(a14b["tmp"])
 
@@ -197,7 +206,7 @@ def test_missing_inputs_are_named(a14b):
 
 def test_output_inside_an_input_refused(a14b):
     for out in (a14b["model"] / "repacked", a14b["quant"] / "high_noise_model" / "x", a14b["tmp"]):
-        with pytest.raises(ValueError, match="must not be inside"):
+        with pytest.raises(ValueError, match="is inside|contains"):
             repack("Wan2.2-T2V-A14B", str(a14b["model"]), str(a14b["quant"]), str(out), overwrite=True)
     assert not (a14b["model"] / "repacked").exists() and (a14b["model"] / "transformer").is_dir()
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from mxdit.layers.linear import QuantLinear
 from mxdit.loader.checkpoint import TransformerCheckpoint, open_checkpoint
+from mxdit.loader.safetensors_io import CheckpointError
 from mxdit.models.wan.config import WanTransformerConfig
 from mxdit.models.wan.transformer import WanTransformer3DModel
 from mxdit.quant import get_weight_loader
@@ -155,7 +156,10 @@ def load_transformer(
                 owner, attr = _owner(model, pname)
                 if pname in ckpt.names:
                     cname = ckpt.names[pname]
-                    t = ckpt.files.read(cname, device)
+                    t = ckpt.files.read(cname, device, finite=True)  # NaN/Inf weights, E8M0 255 scales
+                    if cname.endswith("weight_dual_scale") and t.numel() and not bool((t > 0).all()):
+                        raise CheckpointError(f"'{ckpt.files.index[cname].path}': tensor '{cname}': dual-level L0 scales "
+                                              f"must be positive (found {float(t[t <= 0].reshape(-1)[0])})")
                     t = get_weight_loader(p)(p, t, name=cname)
                     report.tensors += 1
                 else:

@@ -177,8 +177,17 @@ class SafetensorsFile:
             self._mm = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         return self._mm
 
-    def read(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
-        """Copy one tensor out of the file (onto ``device``) and release its pages."""
+    def read(self, name: str, device: torch.device | str | None = None, *, finite: bool = False) -> torch.Tensor:
+        """Copy one tensor out of the file (onto ``device``) and release its pages.  ``finite``:
+        a NaN/Inf value (for E8M0, the NaN code 255) is a :class:`CheckpointError`."""
+        out = self._read(name)
+        if finite:
+            check_finite_tensor(out, name, self.path)
+        if device is not None and torch.device(device) != out.device:
+            out = out.to(device)
+        return out
+
+    def _read(self, name: str) -> torch.Tensor:
         info = self.tensors[name]
         out = torch.empty(info.shape, dtype=info.dtype)
         nbytes = info.end - info.begin
@@ -197,8 +206,6 @@ class SafetensorsFile:
                 mm.madvise(mmap.MADV_DONTNEED, lo, info.end - lo)
             except (AttributeError, OSError, ValueError):  # platforms without madvise
                 pass
-        if device is not None and torch.device(device) != out.device:
-            out = out.to(device)
         return out
 
     def close(self) -> None:
@@ -212,6 +219,40 @@ class SafetensorsFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_NAN_CODES = {  # byte patterns of NaN/Inf in the 8-bit float formats (mask, value)
+    torch.float8_e8m0fnu: [(0xFF, 0xFF)], torch.float8_e4m3fn: [(0x7F, 0x7F)], torch.float8_e5m2: [(0x7C, 0x7C)],
+}
+
+
+def check_finite_tensor(t: torch.Tensor, name: str, path: str, chunk_elements: int = 1 << 22) -> None:
+    """Raise a one-line :class:`CheckpointError` naming the tensor and file if ``t`` holds
+    NaN or Inf (checked in chunks: no full-size mask)."""
+    if not (t.is_floating_point() or t.dtype in _NAN_CODES) or t.numel() == 0:
+        return
+    flat = t.reshape(-1)
+    codes = _NAN_CODES.get(t.dtype)
+    bad_count = 0
+    for i in range(0, flat.numel(), chunk_elements):
+        c = flat[i : i + chunk_elements]
+        if codes is not None:
+            b = c.view(torch.uint8)
+            bad = torch.zeros_like(b, dtype=torch.bool)
+            for mask, val in codes:
+                bad |= (b & mask) == val
+        else:
+            bad = ~torch.isfinite(c)
+        n = int(bad.sum())
+        if n and not bad_count:
+            first = i + int(bad.nonzero()[0, 0])
+        bad_count += n
+    if bad_count:
+        idx = tuple(int(j) for j in torch.unravel_index(torch.tensor(first), t.shape)) if t.dim() else ()
+        raise CheckpointError(
+            f"'{path}': tensor '{name}' has {bad_count} non-finite value(s) (first at index {idx}); "
+            f"NaN/Inf weights and scales are refused"
+        )
 
 
 class CheckpointFiles:
@@ -245,8 +286,8 @@ class CheckpointFiles:
     def info(self, name: str) -> TensorInfo:
         return self.index[name].tensors[name]
 
-    def read(self, name: str, device=None) -> torch.Tensor:
-        return self.index[name].read(name, device)
+    def read(self, name: str, device=None, *, finite: bool = False) -> torch.Tensor:
+        return self.index[name].read(name, device, finite=finite)
 
     @property
     def metadata(self) -> dict[str, str]:

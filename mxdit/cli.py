@@ -50,6 +50,19 @@ class UsageError(Exception):
     """Bad command-line input: printed as one line, exit status 2."""
 
 
+def finite_float(text: str) -> float:
+    """argparse ``type=`` for float options: NaN and +-Inf are refused (one-line error, exit 2)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (``prog: error: message``, exit 2)."""
 

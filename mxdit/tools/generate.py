@@ -8,6 +8,7 @@ The MP4 (H.264 via imageio-ffmpeg) and the perf JSON are written atomically.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mxdit.cli import UsageError, available_quant_methods
+from mxdit.cli import UsageError, available_quant_methods, finite_float
 
 DTYPES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -33,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights replacing transformer/ (the high-noise expert only, as SGLang)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, npu (default: the first accelerator, else cpu)")
     g.add_argument("--dtype", default="bf16", help="transformer/text-encoder dtype: bf16 (default), fp16, fp32")
-    g.add_argument("--flow-shift", type=float, default=None, help="override the scheduler config's flow_shift")
+    g.add_argument("--flow-shift", type=finite_float, default=None, help="override the scheduler config's flow_shift")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", required=True)
@@ -44,9 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--num-frames", type=int, default=None, help="4n+1 (default: the model's, e.g. 81)")
     g.add_argument("--num-inference-steps", type=int, default=None)
-    g.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (A14B: the high-noise expert)")
-    g.add_argument("--guidance-scale-2", type=float, default=None, help="A14B: CFG scale of the low-noise expert")
-    g.add_argument("--boundary-ratio", type=float, default=None, help="A14B: expert switch point, in [0, 1]")
+    g.add_argument("--guidance-scale", type=finite_float, default=None, help="CFG scale (A14B: the high-noise expert)")
+    g.add_argument("--guidance-scale-2", type=finite_float, default=None, help="A14B: CFG scale of the low-noise expert")
+    g.add_argument("--boundary-ratio", type=finite_float, default=None, help="A14B: expert switch point, in [0, 1]")
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("output")
@@ -164,6 +165,10 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
             raise UsageError(f"--boundary-ratio must be in [0, 1], got {args.boundary_ratio}")
     if args.flow_shift is not None and args.flow_shift <= 0:
         raise UsageError(f"--flow-shift must be > 0, got {args.flow_shift}")
+    cfg_shift = info.flow_shift
+    if args.flow_shift is None and cfg_shift is not None and (
+            isinstance(cfg_shift, bool) or not isinstance(cfg_shift, (int, float)) or not math.isfinite(cfg_shift) or cfg_shift <= 0):
+        raise UsageError(f"{info.path}/scheduler/scheduler_config.json: flow_shift must be a finite number > 0, got {cfg_shift!r}")
 
     if args.image is not None:
         if not info.accepts_image:
@@ -199,6 +204,8 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
 def run(args: argparse.Namespace) -> int:
     req = validate(args)  # before anything is loaded
 
+    import torch
+
     from mxdit.pipelines.timing import write_json_atomic
     from mxdit.pipelines.video import write_mp4
     from mxdit.pipelines.wan import WanVideoPipeline
@@ -225,6 +232,11 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as e:  # e.g. an image-derived size the model cannot take
         raise UsageError(str(e)) from None
+    if not bool(torch.isfinite(out.latents).all()):  # a run that produced NaN/Inf says so and writes no video
+        n = int((~torch.isfinite(out.latents)).sum())
+        print(f"mxdit generate: error: the final latents hold {n} non-finite value(s) of {out.latents.numel()}; "
+              f"no video written (check the weights, --guidance-scale and the scheduler's flow_shift)", file=sys.stderr)
+        return 1
     write_mp4(out.frames, req.output, fps=req.fps)
     perf = out.perf
     perf["output"] = str(req.output)

@@ -160,6 +160,9 @@ def load_transformer(
                     if cname.endswith("weight_dual_scale") and t.numel() and not bool((t > 0).all()):
                         raise CheckpointError(f"'{ckpt.files.index[cname].path}': tensor '{cname}': dual-level L0 scales "
                                               f"must be positive (found {float(t[t <= 0].reshape(-1)[0])})")
+                    if cname.endswith("weight_scale") and t.dtype == torch.uint8 and bool((t == 255).any()):
+                        raise CheckpointError(f"'{ckpt.files.index[cname].path}': tensor '{cname}': E8M0 scale code 255 "
+                                              f"(NaN) is not a valid weight scale")
                     t = get_weight_loader(p)(p, t, name=cname)
                     report.tensors += 1
                 else:

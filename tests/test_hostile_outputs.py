@@ -318,3 +318,49 @@ def test_demo_cache_never_deletes_user_files(tmp_path, capsys):
         rc = cli_main(["demo", "--cache-dir", str(tmp_path), "--output-dir", str(tmp_path / "o"), *extra])
         _one_line_error(rc, capsys.readouterr().err, 2, "not written by mxdit demo")
         assert (tmp_path / "demo-model" / "mine.txt").read_text() == "keep"
+
+
+# ---- layers ----------------------------------------------------------------------------------
+def test_quantlinear_rejects_0d_and_integer_input():
+    from mxdit.layers.linear import QuantLinear
+    from mxdit.quant import get_quant_config
+
+    layer = QuantLinear(512, 8, bias=False, quant_config=get_quant_config("mxfp8"), prefix="blocks.0.x", params_dtype=torch.float32)
+    layer.weight = torch.nn.Parameter(torch.randn(8, 512), requires_grad=False)
+    layer.process_weights_after_loading()
+    with pytest.raises(ValueError, match="blocks.0.x.*0-d"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="blocks.0.x.*torch.int64"):
+        layer(torch.ones(2, 512, dtype=torch.int64))
+
+
+def test_dual_weight_row_that_flushes_is_a_zero_column():
+    """A weight row of 1e-39: L0 = amax * fp32(1/6) < 2^-126 flushes to 0 (ascend-npu-mx.md §1.2);
+    the block then takes the op's all-zero rule (L1 0, outputs 0) — the output column is 0,
+    as plain float math gives (|x . w| < 1e-35), not NaN."""
+    from mxdit.formats import quantize_mx_dual
+    from mxdit.layers.linear import QuantLinear
+    from mxdit.quant import get_quant_config
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 512, generator=g)
+    w[2] = 1e-39
+    q = quantize_mx_dual(w[2:3].to(torch.bfloat16))
+    assert float(q.scale_l0[0, 0]) == 0.0 and int(q.scale_l1.max()) == 255  # what the documented op does
+    layer = QuantLinear(512, 4, bias=False, quant_config=get_quant_config("mxfp4_dual"), prefix="blocks.0.x",
+                        params_dtype=torch.bfloat16)
+    layer.weight = torch.nn.Parameter(w.to(torch.bfloat16), requires_grad=False)
+    layer.process_weights_after_loading()
+    x = torch.randn(3, 512, generator=g).to(torch.bfloat16)
+    y = layer(x).float()
+    ref = x.double() @ w.to(torch.bfloat16).double().t()
+    assert torch.isfinite(y).all()
+    assert float(y[:, 2].abs().max()) == 0.0 and float(ref[:, 2].abs().max()) < 1e-35
+    # the other columns are exactly what the same layer gives them when row 2 is ordinary
+    w2 = w.clone()
+    w2[2] = 0.5
+    other = QuantLinear(512, 4, bias=False, quant_config=get_quant_config("mxfp4_dual"), prefix="blocks.0.x",
+                        params_dtype=torch.bfloat16)
+    other.weight = torch.nn.Parameter(w2.to(torch.bfloat16), requires_grad=False)
+    other.process_weights_after_loading()
+    assert torch.equal(y[:, [0, 1, 3]], other(x).float()[:, [0, 1, 3]])

@@ -82,6 +82,37 @@ def _owner(model: nn.Module, pname: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(mod_name) if mod_name else model), attr
 
 
+def check_checkpoint(ckpt: TransformerCheckpoint, quantization: Optional[str] = None, *,
+                     dtype: torch.dtype = torch.bfloat16, **quant_options: Any):
+    """Step 1 of loading, usable on its own (``mxdit repack`` checks what it will write with
+    it): resolve the quant config, build the model on the meta device (every layer's label
+    dispatched to its method) and check every tensor's name, shape and dtype from the headers.
+    Returns ``(meta model, quant config, where the config came from)``; raises
+    :class:`CheckpointMismatchError` (or a ValueError / NotImplementedError naming the layer)."""
+    qc, qsource = ckpt.quant_config(quantization, quant_options)
+    model = WanTransformer3DModel(ckpt.config, quant_config=qc, params_dtype=dtype, device="meta")
+    params = dict(model.named_parameters())
+    if any(True for _ in model.buffers()):
+        raise RuntimeError("internal: the Wan model has buffers; the streaming loader expects parameters only")
+    unexpected = sorted(ckpt.names[m] for m in ckpt.names if m not in params)
+    missing, mismatched = [], []
+    for pname, p in params.items():
+        if pname not in ckpt.names:
+            if getattr(p, "missing_init", None) is None:
+                missing.append(pname)
+            continue
+        info = ckpt.files.info(ckpt.names[pname])
+        try:
+            get_weight_loader(p)(p, torch.empty(info.shape, dtype=info.dtype, device="meta"), name=info.name)
+        except ValueError as e:
+            mismatched.append(str(e))
+        except (RuntimeError, NotImplementedError):
+            pass  # the loader needs real data to check more; done while streaming
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(ckpt.directory, missing, unexpected, mismatched)
+    return model, qc, qsource
+
+
 def load_transformer(
     path: str,
     *,
@@ -114,29 +145,12 @@ def load_transformer(
 
         check_npu_available()
     ckpt: TransformerCheckpoint = open_checkpoint(path, config=config)
-    qc, qsource = ckpt.quant_config(quantization, quant_options)
-    model = WanTransformer3DModel(ckpt.config, quant_config=qc, params_dtype=dtype, device="meta")
+    try:
+        model, qc, qsource = check_checkpoint(ckpt, quantization, dtype=dtype, **quant_options)
+    except BaseException:
+        ckpt.files.close()
+        raise
     params = dict(model.named_parameters())
-    if any(True for _ in model.buffers()):
-        raise RuntimeError("internal: the Wan model has buffers; the streaming loader expects parameters only")
-
-    # ---- 1. validate names, shapes and dtypes from the headers -------------------------
-    unexpected = sorted(ckpt.names[m] for m in ckpt.names if m not in params)
-    missing, mismatched = [], []
-    for pname, p in params.items():
-        if pname not in ckpt.names:
-            if getattr(p, "missing_init", None) is None:
-                missing.append(pname)
-            continue
-        info = ckpt.files.info(ckpt.names[pname])
-        try:
-            get_weight_loader(p)(p, torch.empty(info.shape, dtype=info.dtype, device="meta"), name=info.name)
-        except ValueError as e:
-            mismatched.append(str(e))
-        except (RuntimeError, NotImplementedError):
-            pass  # the loader needs real data to check more; done while streaming
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(path, missing, unexpected, mismatched)
 
     # ---- 2. stream, layer by layer ----------------------------------------------------
     by_module: dict[str, list[str]] = defaultdict(list)

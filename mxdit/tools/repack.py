@@ -63,6 +63,7 @@ class _Plan:
             missing = sorted(n for n in self.renamed if n not in self.desc)
             if missing:
                 raise ValueError(f"'{self.desc_path}' has no label for tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+            self._check_like_the_loader(desc)
             ghosts = sorted(k for k, v in desc.items() if isinstance(v, str) and k not in HEADER_KEYS
                             and model_name(k, original) not in self.renamed)
             if ghosts:
@@ -72,6 +73,20 @@ class _Plan:
         except BaseException:
             self.files.close()
             raise
+
+    def _check_like_the_loader(self, desc: dict) -> None:
+        """What the loader will check on the repacked directory, checked on the export now
+        (the loader's own step 1: labels dispatched to methods, names, shapes, dtypes)."""
+        from mxdit.loader.checkpoint import config_from_json, open_checkpoint
+        from mxdit.loader.load import check_checkpoint
+
+        ckpt = open_checkpoint(self.src, config=config_from_json(os.path.join(self.orig_tdir, "config.json")))
+        try:
+            check_checkpoint(ckpt)
+        except NotImplementedError as e:  # an unknown label: bad input here
+            raise ValueError(str(e)) from None
+        finally:
+            ckpt.files.close()
 
     def write(self, out_tdir: str) -> int:
         os.makedirs(out_tdir)
@@ -145,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         counts = repack(args.model_type, args.original_model_path, args.quant_path, args.output_path, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise UsageError(str(e)) from None
+        from mxdit.cli import one_line_error
+
+        raise UsageError(one_line_error(e)) from None
     for t, n in counts.items():
         print(f"{t}: {n} tensors")
     print(f"wrote {args.output_path}")

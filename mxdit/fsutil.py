@@ -107,26 +107,41 @@ def _cleanup_on_signals() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _lock(path: str) -> Iterator[None]:
-    """An exclusive lock file ``.<name>.lock`` next to ``path`` holding our pid; a lock whose
-    writer is gone is taken over."""
+    """An exclusive lock file ``.<name>.lock`` next to ``path`` holding our pid.  It appears
+    complete (written to a private file, then hard-linked into place, which fails if it
+    exists); a lock whose writer is gone is taken over (renamed away first, so two runs
+    cannot both take it)."""
     lock = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            pid = _read_pid(lock)
-            if _pid_alive(pid) and pid != os.getpid():
-                raise OutputBusyError(f"output '{path}' already exists or is being written (by process {pid}; lock '{lock}')") from None
+    mine = f"{lock}.{os.getpid()}.{id(path)}"
+    with open(mine, "w") as f:
+        json.dump({"pid": os.getpid()}, f)
+    try:
+        for _ in range(3):
             try:
-                os.unlink(lock)  # stale: its writer is gone
-            except FileNotFoundError:
-                pass
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"pid": os.getpid()}, f)
-        break
-    else:
-        raise OutputBusyError(f"output '{path}' already exists or is being written (lock '{lock}')")
+                os.link(mine, lock)
+                break
+            except FileExistsError:
+                pid = _read_pid(lock)
+                if _pid_alive(pid):
+                    raise OutputBusyError(
+                        f"output '{path}' already exists or is being written (by process {pid}; lock '{lock}')") from None
+                stale = f"{lock}.stale-{os.getpid()}"
+                try:
+                    os.rename(lock, stale)
+                except FileNotFoundError:
+                    continue
+                if _pid_alive(_read_pid(stale)):  # another run took it over meanwhile: give it back
+                    try:
+                        os.link(stale, lock)
+                    except OSError:
+                        pass
+                    os.unlink(stale)
+                    raise OutputBusyError(f"output '{path}' already exists or is being written (lock '{lock}')") from None
+                os.unlink(stale)
+        else:
+            raise OutputBusyError(f"output '{path}' already exists or is being written (lock '{lock}')")
+    finally:
+        os.unlink(mine)
     try:
         yield
     finally:
@@ -151,6 +166,13 @@ def _recover(path: str) -> None:
             if not os.path.lexists(path) and os.path.isdir(os.path.join(full, "x")):
                 os.rename(os.path.join(full, "x"), path)
             shutil.rmtree(full, ignore_errors=True)
+        elif e.startswith(f".{name}.lock."):  # .NAME.lock.<pid>.<n> / .NAME.lock.stale-<pid> of a killed run
+            pid = e[len(f".{name}.lock."):].split(".")[0].replace("stale-", "")
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                try:
+                    os.unlink(full)
+                except OSError:
+                    pass
         elif e.startswith(f".{name}.tmp-") and os.path.isdir(full) and not _pid_alive(_read_pid(os.path.join(full, MARKER))):
             shutil.rmtree(full, ignore_errors=True)
 

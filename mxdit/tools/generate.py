@@ -166,7 +166,7 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
     if args.flow_shift is not None and args.flow_shift <= 0:
         raise UsageError(f"--flow-shift must be > 0, got {args.flow_shift}")
     cfg_shift = info.flow_shift
-    if args.flow_shift is None and cfg_shift is not None and (
+    if args.flow_shift is None and "flow_shift" in info.scheduler_config and (
             isinstance(cfg_shift, bool) or not isinstance(cfg_shift, (int, float)) or not math.isfinite(cfg_shift) or cfg_shift <= 0):
         raise UsageError(f"{info.path}/scheduler/scheduler_config.json: flow_shift must be a finite number > 0, got {cfg_shift!r}")
 
@@ -219,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
             device=req.device, dtype=req.dtype, flow_shift=args.flow_shift,
         )
     except (FileNotFoundError, NotImplementedError, ValueError) as e:  # a checkpoint problem found while loading
-        print(f"mxdit generate: error: {e}", file=sys.stderr)
+        from mxdit.cli import one_line_error
+
+        print(f"mxdit generate: error: {one_line_error(e)}", file=sys.stderr)
         return 1
     if args.quantization is None:
         print(f"quantization: {pipe.quantization or 'none'} (detected)", file=sys.stderr)

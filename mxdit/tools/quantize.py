@@ -916,6 +916,15 @@ def _scheme_means(layers: list[LayerReport]):
     return out
 
 
+def _cli_device(name):
+    """--device checked before anything is read or written (generate's one device check)."""
+    if name is None:
+        return default_device()
+    from mxdit.tools.generate import _resolve_device
+
+    return _resolve_device(name)
+
+
 def run(args: argparse.Namespace) -> int:
     from mxdit.cli import UsageError
     from mxdit.loader import CheckpointError
@@ -927,7 +936,7 @@ def run(args: argparse.Namespace) -> int:
                                   frames=args.calib_frames, seed=args.calib_seed, samples=args.calib_samples,
                                   image=args.calib_image),
         smooth=args.smooth, smooth_alpha=args.smooth_alpha, shard_size_gb=args.shard_size,
-        allow_non_block=args.allow_non_block, device=args.device or default_device(),
+        allow_non_block=args.allow_non_block, device=_cli_device(args.device),
         overwrite=args.overwrite, progress=not args.no_progress, report_plot=not args.no_plot,
     )
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Sequence
 
@@ -50,6 +51,19 @@ class UsageError(Exception):
     """Bad command-line input: printed as one line, exit status 2."""
 
 
+def finite_float(text: str) -> float:
+    """argparse ``type=`` for float options: NaN and +-Inf are refused (one-line error, exit 2)."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line errors (``prog: error: message``, exit 2)."""
 
@@ -77,7 +91,6 @@ def _quiet_optional_imports() -> None:
     """diffusers imports torchao when it is installed (a test dependency here); mxdit uses
     none of torchao's compiled kernels, so skip loading them and their import-time noise."""
     import logging
-    import os
 
     os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
@@ -89,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mxdit`` script; returns the exit status."""
     _quiet_optional_imports()
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MXDIT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     top = _top_parser()
     if not argv:
         top.print_help(sys.stderr)
@@ -129,7 +144,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"{prog}: interrupted\n")
         return 130
+    except Exception as e:  # one line for everything else; MXDIT_DEBUG=1 / --debug: the traceback
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        sys.stderr.write(f"{prog}: error: {one_line_error(e)}\n")
+        return 2 if _is_bad_input(e) else 1
     return int(rc or 0)
+
+
+def one_line_error(e: BaseException) -> str:
+    """``e`` as one line: what failed and why (an OSError says which path and the system's reason)."""
+    import errno
+
+    if isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, FileExistsError)) and e.errno is not None:
+        what = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the output is on a read-only file system",
+                errno.EACCES: "permission denied", errno.EDQUOT: "disk quota exceeded"}.get(e.errno, e.strerror or str(e))
+        where = f" writing '{e.filename}'" if e.filename else ""
+        return f"{what}{where} ({type(e).__name__}: errno {e.errno})"
+    msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or "(no message)"
+    if isinstance(e, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError)) and type(e).__module__.startswith("mxdit"):
+        return msg
+    return f"{type(e).__name__}: {msg}"
+
+
+def _is_bad_input(e: BaseException) -> bool:
+    """Bad input (exit 2) rather than a failure while running (exit 1)."""
+    if isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)):
+        return True
+    return isinstance(e, ValueError) and type(e).__module__.startswith("mxdit")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -125,9 +125,9 @@ def test_generate_failure_leaves_no_outputs(t2v_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(WanVideoPipeline, "__call__", fail)
     out, perf = tmp_path / "o.mp4", tmp_path / "p.json"
-    with pytest.raises(RuntimeError, match="boom"):
-        main(["generate", "--model-path", str(t2v_dir), "--prompt", "x", *SMALL, "--dtype", "fp32",
-              "--output", str(out), "--perf-dump-path", str(perf), "--no-progress"])
+    rc = main(["generate", "--model-path", str(t2v_dir), "--prompt", "x", *SMALL, "--dtype", "fp32",
+               "--output", str(out), "--perf-dump-path", str(perf), "--no-progress"])
+    assert rc == 1  # a failure while running: one line (see test_hostile_*), exit 1
     assert list(tmp_path.iterdir()) == []
 
 

@@ -211,7 +211,8 @@ def test_export_round_trip(tiny, case):
         quantize_model(str(tiny["path"]), str(out), QuantizeOptions(
             recipe=recipe, layout=layout, smooth=smooth, fp4_container=container, shard_size_gb=shard,
             progress=False, report_plot=(case == "diffusers-mixed-smooth")), log=lambda m: None)
-    files = sorted(os.listdir(out))
+    assert os.path.isfile(out / ".mxdit-output.json")
+    files = sorted(f for f in os.listdir(out) if f != ".mxdit-output.json")
     reports = ["quality_report.json", "quality_report.md"] + (["quality_report.png"] if "png" in str(files) else [])
     desc = _description(out)
     tensors = _read_export(out)
@@ -329,10 +330,10 @@ def test_model_dir_layouts_and_whole_model_accuracy(tiny, tmp_path):
     before = {p: os.path.getmtime(p) for p in glob.glob(str(md / "**"), recursive=True)}
     opts = dict(recipe="all-mxfp8", progress=False, report_plot=False)
     quantize_model(str(md), str(tmp_path / "ms"), QuantizeOptions(**opts), log=lambda m: None)
-    assert sorted(os.listdir(tmp_path / "ms")) == ["high_noise_model", "low_noise_model"]
+    assert sorted(os.listdir(tmp_path / "ms")) == [".mxdit-output.json", "high_noise_model", "low_noise_model"]
     assert "quant_model_weight_w8a8_mxfp8.safetensors" in os.listdir(tmp_path / "ms" / "low_noise_model")
     quantize_model(str(md), str(tmp_path / "df"), QuantizeOptions(layout="diffusers", **opts), log=lambda m: None)
-    assert sorted(os.listdir(tmp_path / "df")) == ["model_index.json", "transformer", "transformer_2", "vae"]
+    assert sorted(os.listdir(tmp_path / "df")) == [".mxdit-output.json", "model_index.json", "transformer", "transformer_2", "vae"]
     assert {p: os.path.getmtime(p) for p in glob.glob(str(md / "**"), recursive=True)} == before
     assert not _leftovers(tmp_path)
 
@@ -584,7 +585,7 @@ def test_calibration_smoothing_improves_output_sqnr(tmp_path_factory):
     plain = quantize_model(str(src), str(root / "plain"),
                            QuantizeOptions(calib_stats=smooth.calib_stats, smooth="none", **common), log=lambda m: None)
     assert set(smooth.calib_stats) == {"transformer", "transformer_2"}  # both experts ran
-    assert sorted(os.listdir(root / "smooth")) == ["high_noise_model", "low_noise_model"]
+    assert sorted(os.listdir(root / "smooth")) == [".mxdit-output.json", "high_noise_model", "low_noise_model"]
     outlier_layers = {diffusers_to_original(k) for k in chans}
     for sub in ("high_noise_model", "low_noise_model"):
         with open(root / "smooth" / sub / "quality_report.json") as f:

@@ -27,6 +27,14 @@ WEIGHTS = "quant_model_weight_w8a8_mxfp8.safetensors"
 SMOOTHED = "blocks.0.self_attn.q"  # written as <p>.div.mul_scale + <p>.linear.{weight,bias}
 
 
+def smoothed_fp8(w):
+    return w.float().clamp(-448, 448).to(torch.float8_e4m3fn)
+
+
+def smoothed_scale(w):
+    return torch.full((w.shape[0], w.shape[1] // 32), 127, dtype=torch.uint8)
+
+
 def write_float_export(src_dir, out_dir, *, shards: int = 1, saver: str = "mindie") -> dict:
     """An msmodelslim-style export of ``src_dir`` in original names, one layer smooth-wrapped."""
     os.makedirs(out_dir, exist_ok=True)
@@ -38,7 +46,11 @@ def write_float_export(src_dir, out_dir, *, shards: int = 1, saver: str = "mindi
             o = f"{SMOOTHED}.linear.{o[len(SMOOTHED) + 1:]}"
         tensors[o] = v
     tensors[f"{SMOOTHED}.div.mul_scale"] = torch.full((32,), 2.0)
-    desc = {k: "FLOAT" for k in tensors}
+    # the smoothed layer is W8A8_MXFP8 (a FLOAT layer with a mul_scale does not load)
+    w = tensors[f"{SMOOTHED}.linear.weight"]
+    tensors[f"{SMOOTHED}.linear.weight"] = smoothed_fp8(w)
+    tensors[f"{SMOOTHED}.linear.weight_scale"] = smoothed_scale(w)
+    desc = {k: ("W8A8_MXFP8" if k.startswith(SMOOTHED + ".") else "FLOAT") for k in tensors}
     desc["model_quant_type"] = "W8A8_MXFP8"
     names = sorted(tensors)
     if saver == "ascendv1":
@@ -82,13 +94,15 @@ def test_repack_a14b_layout_and_names(a14b, capsys):
     # inputs untouched (bytes and mtimes), nothing else created next to the output
     assert {k: v for k, v in tree_state(a14b["tmp"]).items() if not k.startswith("out" + os.sep)} == before
     assert sorted(os.listdir(a14b["tmp"])) == ["Wan2.2-T2V-A14B-Diffusers", "out", "quant"]
-    assert sorted(os.listdir(out)) == ["model_index.json", "scheduler", "tokenizer", "transformer", "transformer_2",
+    assert sorted(os.listdir(out)) == [".mxdit-output.json", "model_index.json", "scheduler", "tokenizer", "transformer", "transformer_2",
                                        "vae"]
     for t in ("transformer", "transformer_2"):
         assert sorted(os.listdir(out / t)) == ["config.json", "diffusion_pytorch_model.safetensors",
                                                "quant_model_description.json"]
         got = load_file(str(out / t / "diffusion_pytorch_model.safetensors"))
-        want = {**a14b["sds"][t], "blocks.0.attn1.to_q.mul_scale": torch.full((32,), 2.0)}
+        w = a14b["sds"][t]["blocks.0.attn1.to_q.weight"]
+        want = {**a14b["sds"][t], "blocks.0.attn1.to_q.mul_scale": torch.full((32,), 2.0),
+                "blocks.0.attn1.to_q.weight": smoothed_fp8(w), "blocks.0.attn1.to_q.weight_scale": smoothed_scale(w)}
         assert sorted(got) == sorted(want)  # diffusers names, wrappers stripped, shards merged
         for k, v in want.items():
             assert torch.equal(got[k], v), (t, k)
@@ -106,8 +120,8 @@ def test_repack_ti2v_and_ascendv1_export(tmp_path):
     quant = tmp_path / "quant"  # TI2V-5B: the export is the quant path itself
     write_float_export(model / "transformer", quant, saver="ascendv1", shards=2)
     counts = repack("Wan2.2-TI2V-5B", str(model), str(quant), str(tmp_path / "out"))
-    assert counts == {"transformer": len(sd) + 1}
-    assert sorted(os.listdir(tmp_path / "out")) == ["model_index.json", "transformer"]
+    assert counts == {"transformer": len(sd) + 2}
+    assert sorted(os.listdir(tmp_path / "out")) == [".mxdit-output.json", "model_index.json", "transformer"]
     got = load_file(str(tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert "blocks.1.ffn.net.2.weight" in got and "scale_shift_table" in got and "head.modulation" not in got
     desc = json.loads((tmp_path / "out" / "transformer" / "quant_model_description.json").read_text())
@@ -136,8 +150,17 @@ def test_existing_output_refused_then_overwritten(a14b, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already exists" in err and "--overwrite" in err
     assert tree_state(out) == before and not _leftovers(a14b["tmp"])
+    # --overwrite never replaces a directory mxdit did not write
+    assert _cli(a14b, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not written by mxdit" in err
+    assert tree_state(out) == before and not _leftovers(a14b["tmp"])
+    os.remove(out / "sentinel.txt")
+    os.rmdir(out)
+    assert _cli(a14b, out) == 0
+    (out / "sentinel.txt").write_text("mine")  # inside an output mxdit wrote
     assert _cli(a14b, out, "--overwrite") == 0
-    assert not (out / "sentinel.txt").exists()
+    assert not (out / "sentinel.txt").exists() and not _leftovers(a14b["tmp"])
     assert (out / "transformer_2" / "diffusion_pytorch_model.safetensors").is_file()
     assert not _leftovers(a14b["tmp"])
 
@@ -197,7 +220,7 @@ def test_missing_inputs_are_named(a14b):
 
 def test_output_inside_an_input_refused(a14b):
     for out in (a14b["model"] / "repacked", a14b["quant"] / "high_noise_model" / "x", a14b["tmp"]):
-        with pytest.raises(ValueError, match="must not be inside"):
+        with pytest.raises(ValueError, match="is inside|contains"):
             repack("Wan2.2-T2V-A14B", str(a14b["model"]), str(a14b["quant"]), str(out), overwrite=True)
     assert not (a14b["model"] / "repacked").exists() and (a14b["model"] / "transformer").is_dir()
 
@@ -210,3 +233,42 @@ def test_failed_repack_leaves_no_new_parent_dirs(a14b):
     with pytest.raises(ValueError, match="blocks.9.ffn.0.weight"):
         repack("Wan2.2-T2V-A14B", str(a14b["model"]), str(a14b["quant"]), str(a14b["tmp"] / "new" / "deep" / "out"))
     assert not (a14b["tmp"] / "new").exists()
+
+
+def test_repack_output_loads_and_bad_exports_write_nothing(a14b, capsys):
+    """An output repack wrote always loads; an export the loader would reject (unknown label,
+    wrong dtype, wrong shape) is refused before anything is written (one line, exit 2)."""
+    from mxdit.loader import load_transformer
+
+    out = a14b["tmp"] / "out"
+    assert _cli(a14b, out) == 0
+    capsys.readouterr()
+    for t in ("transformer", "transformer_2"):
+        m = load_transformer(str(out / t), progress=False)
+        assert m.load_report.layers_quantized.get("w8a8_mxfp8", 0) + sum(m.load_report.layers_quantized.values()) >= 1
+    import shutil
+
+    shutil.rmtree(out)
+    src = a14b["quant"] / "high_noise_model"
+    desc_p, w_p = src / DESC, src / WEIGHTS
+    desc0, w0 = desc_p.read_text(), w_p.read_bytes()
+    sd0 = load_file(str(w_p))
+    q = f"{SMOOTHED}.linear.weight"
+    for case in ("label", "dtype", "shape"):
+        desc, sd = json.loads(desc0), dict(sd0)
+        if case == "label":
+            desc[q] = "W3A3_MADEUP"
+        elif case == "dtype":
+            sd[f"{SMOOTHED}.linear.weight_scale"] = sd[f"{SMOOTHED}.linear.weight_scale"].to(torch.int32)
+        else:
+            sd[q] = sd[q][:, :16].contiguous()
+        desc_p.write_text(json.dumps(desc))
+        save_file(sd, str(w_p))
+        before = tree_state(a14b["quant"])
+        assert _cli(a14b, out) == 2, case
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert ("W3A3_MADEUP" if case == "label" else "self_attn.q") in err, err
+        assert not out.exists() and tree_state(a14b["quant"]) == before
+    desc_p.write_text(desc0)
+    w_p.write_bytes(w0)

@@ -50,6 +50,11 @@ class QuantLinear(nn.Module):
             self._processed = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            raise ValueError(f"layer '{self.prefix}': input is a 0-d tensor; expected [..., {self.in_features}]")
+        if not x.is_floating_point():
+            raise TypeError(f"layer '{self.prefix}': input dtype {x.dtype} is not a floating-point type "
+                            "(expected bfloat16, float16 or float32)")
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"layer '{self.prefix}': input has {x.shape[-1]} features, expected {self.in_features}"

@@ -33,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from mxdit.loader.safetensors_io import CheckpointFiles, resolve_weight_files
+from mxdit.loader.safetensors_io import CheckpointError, CheckpointFiles, index_weight_map, load_json_strict, resolve_weight_files
 from mxdit.models.wan.config import WanTransformerConfig
 from mxdit.models.wan.names import is_original_layout, original_to_diffusers, strip_prefix
 from mxdit.quant import QuantConfig, get_quant_config
@@ -114,8 +114,7 @@ class TransformerCheckpoint:
     def _config_json_quant(self) -> Optional[dict]:
         p = os.path.join(self.directory, "config.json")
         if os.path.isfile(p):
-            with open(p) as f:
-                return json.load(f).get("quantization_config")
+            return read_config_json(p).get("quantization_config")
         return None
 
 
@@ -164,7 +163,8 @@ def open_checkpoint(path: str, *, config: Optional[WanTransformerConfig | dict] 
             f"'{path}' is a pipeline directory; pass its transformer subdirectory ('{path}/transformer' or 'transformer_2')"
         )
     paths, is_ms = _weight_paths(path)
-    files = CheckpointFiles(paths)
+    stem = "diffusion_pytorch_model"
+    files = CheckpointFiles(paths, index_weight_map(path, stem), os.path.join(path, f"{stem}.safetensors.index.json"))
     keys = files.keys()
     original = is_original_layout(strip_modelslim_wrappers(k) for k in keys)
     desc_path = None
@@ -175,12 +175,33 @@ def open_checkpoint(path: str, *, config: Optional[WanTransformerConfig | dict] 
     if config is None:
         cfg_path = os.path.join(path, "config.json")
         if os.path.isfile(cfg_path):
-            config = WanTransformerConfig.from_json_file(cfg_path)
+            config = config_from_json(cfg_path)
         else:
             config = infer_config({m: files.info(k).shape for m, k in names.items()}, path)
     elif isinstance(config, dict):
         config = WanTransformerConfig.from_dict(config)
     return TransformerCheckpoint(path, files, layout, original, config, desc_path, names)
+
+
+def read_config_json(path: str) -> dict:
+    """A ``config.json``, strictly parsed; it must be a JSON object."""
+    cfg = load_json_strict(path, "config.json")
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"'{path}': config.json must be a JSON object, got {type(cfg).__name__ if cfg is not None else 'null'}")
+    return cfg
+
+
+def config_from_json(path: str) -> WanTransformerConfig:
+    """The transformer config of a ``config.json`` (diffusers or original keys); a wrong-typed
+    or out-of-range field is one :class:`CheckpointError` naming the file."""
+    cfg = read_config_json(path)
+    try:
+        if "num_attention_heads" not in cfg and ("dim" in cfg or "num_heads" in cfg):
+            return WanTransformerConfig.from_original_dict(cfg)
+        return WanTransformerConfig.from_dict(cfg)
+    except (TypeError, ValueError, KeyError, OverflowError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"'{path}': {msg}") from None
 
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")

@@ -23,6 +23,7 @@ from torch import nn
 from mxdit.layers.attention import resolve_attention_quantization
 from mxdit.layers.linear import QuantLinear
 from mxdit.loader.checkpoint import TransformerCheckpoint, open_checkpoint
+from mxdit.loader.safetensors_io import CheckpointError
 from mxdit.models.wan.config import WanTransformerConfig
 from mxdit.models.wan.transformer import WanTransformer3DModel
 from mxdit.quant import get_weight_loader
@@ -82,6 +83,38 @@ def _owner(model: nn.Module, pname: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(mod_name) if mod_name else model), attr
 
 
+def check_checkpoint(ckpt: TransformerCheckpoint, quantization: Optional[str] = None, *,
+                     dtype: torch.dtype = torch.bfloat16, **quant_options: Any):
+    """Step 1 of loading, usable on its own (``mxdit repack`` checks what it will write with
+    it): resolve the quant config, build the model on the meta device (every layer's label
+    dispatched to its method) and check every tensor's name, shape and dtype from the headers.
+    Returns ``(meta model, quant config, where the config came from)``; raises
+    :class:`CheckpointMismatchError` (or a ValueError / NotImplementedError naming the layer)."""
+    qc, qsource = ckpt.quant_config(quantization, quant_options)
+    model = WanTransformer3DModel(ckpt.config, quant_config=qc, params_dtype=dtype, device="meta")
+    params = dict(model.named_parameters())
+    if any(True for _ in model.buffers()):
+        raise RuntimeError("internal: the Wan model has buffers; the streaming loader expects parameters only")
+    rotations = _rotation_names(model, ckpt, str(ckpt.directory))  # W8A8F8 / W4A4F8 q_rot / k_rot
+    unexpected = sorted(ckpt.names[m] for m in ckpt.names if m not in params and m not in rotations)
+    missing, mismatched = [], []
+    for pname, p in params.items():
+        if pname not in ckpt.names:
+            if getattr(p, "missing_init", None) is None:
+                missing.append(pname)
+            continue
+        info = ckpt.files.info(ckpt.names[pname])
+        try:
+            get_weight_loader(p)(p, torch.empty(info.shape, dtype=info.dtype, device="meta"), name=info.name)
+        except ValueError as e:
+            mismatched.append(str(e))
+        except (RuntimeError, NotImplementedError):
+            pass  # the loader needs real data to check more; done while streaming
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(ckpt.directory, missing, unexpected, mismatched)
+    return model, qc, qsource
+
+
 def load_transformer(
     path: str,
     *,
@@ -123,30 +156,13 @@ def load_transformer(
 
         check_npu_available()
     ckpt: TransformerCheckpoint = open_checkpoint(path, config=config)
-    qc, qsource = ckpt.quant_config(quantization, quant_options)
-    model = WanTransformer3DModel(ckpt.config, quant_config=qc, params_dtype=dtype, device="meta")
+    try:
+        model, qc, qsource = check_checkpoint(ckpt, quantization, dtype=dtype, **quant_options)
+    except BaseException:
+        ckpt.files.close()
+        raise
     params = dict(model.named_parameters())
-    if any(True for _ in model.buffers()):
-        raise RuntimeError("internal: the Wan model has buffers; the streaming loader expects parameters only")
-
-    # ---- 1. validate names, shapes and dtypes from the headers -------------------------
-    rotations = _rotation_names(model, ckpt, path)
-    unexpected = sorted(ckpt.names[m] for m in ckpt.names if m not in params and m not in rotations)
-    missing, mismatched = [], []
-    for pname, p in params.items():
-        if pname not in ckpt.names:
-            if getattr(p, "missing_init", None) is None:
-                missing.append(pname)
-            continue
-        info = ckpt.files.info(ckpt.names[pname])
-        try:
-            get_weight_loader(p)(p, torch.empty(info.shape, dtype=info.dtype, device="meta"), name=info.name)
-        except ValueError as e:
-            mismatched.append(str(e))
-        except (RuntimeError, NotImplementedError):
-            pass  # the loader needs real data to check more; done while streaming
-    if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(path, missing, unexpected, mismatched)
+    rotations = _rotation_names(model, ckpt, path)  # validated in check_checkpoint
 
     # ---- 2. stream, layer by layer ----------------------------------------------------
     by_module: dict[str, list[str]] = defaultdict(list)
@@ -166,7 +182,13 @@ def load_transformer(
                 owner, attr = _owner(model, pname)
                 if pname in ckpt.names:
                     cname = ckpt.names[pname]
-                    t = ckpt.files.read(cname, device)
+                    t = ckpt.files.read(cname, device, finite=True)  # NaN/Inf weights, E8M0 255 scales
+                    if cname.endswith("weight_dual_scale") and t.numel() and not bool((t > 0).all()):
+                        raise CheckpointError(f"'{ckpt.files.index[cname].path}': tensor '{cname}': dual-level L0 scales "
+                                              f"must be positive (found {float(t[t <= 0].reshape(-1)[0])})")
+                    if cname.endswith("weight_scale") and t.dtype == torch.uint8 and bool((t == 255).any()):
+                        raise CheckpointError(f"'{ckpt.files.index[cname].path}': tensor '{cname}': E8M0 scale code 255 "
+                                              f"(NaN) is not a valid weight scale")
                     t = get_weight_loader(p)(p, t, name=cname)
                     report.tensors += 1
                 else:

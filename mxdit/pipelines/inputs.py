@@ -8,6 +8,7 @@ CLI, ``num_frames`` for the HTTP API) through ``name``.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,8 +53,8 @@ def check_sampling_inputs(
     if num_inference_steps is not None and num_inference_steps < 1:
         raise InputError("num_inference_steps", f"{name('num_inference_steps')} must be >= 1, got {num_inference_steps}")
     for field, value in (("guidance_scale", guidance_scale), ("guidance_scale_2", guidance_scale_2)):
-        if value is not None and not value >= 0:  # also rejects NaN
-            raise InputError(field, f"{name(field)} must be >= 0, got {value}")
+        if value is not None and not (value >= 0 and math.isfinite(value)):  # also rejects NaN / Inf
+            raise InputError(field, f"{name(field)} must be a finite number >= 0, got {value}")
     two_experts = info.boundary_ratio is not None
     if guidance_scale_2 is not None and not two_experts:
         raise InputError("guidance_scale_2", f"{name('guidance_scale_2')} applies to two-expert (A14B) models; "
@@ -64,8 +65,14 @@ def check_sampling_inputs(
                                                f"{info.name} is {info.kind}")
         if not 0.0 <= boundary_ratio <= 1.0:
             raise InputError("boundary_ratio", f"{name('boundary_ratio')} must be in [0, 1], got {boundary_ratio}")
-    if flow_shift is not None and not flow_shift > 0:
-        raise InputError("flow_shift", f"{name('flow_shift')} must be > 0, got {flow_shift}")
+    if flow_shift is not None and not (flow_shift > 0 and math.isfinite(flow_shift)):
+        raise InputError("flow_shift", f"{name('flow_shift')} must be a finite number > 0, got {flow_shift}")
+    cfg_shift = info.flow_shift  # the scheduler config's, used when no override is given
+    if flow_shift is None and "flow_shift" in info.scheduler_config and (
+            isinstance(cfg_shift, bool) or not isinstance(cfg_shift, (int, float)) or not math.isfinite(cfg_shift)
+            or cfg_shift <= 0):
+        raise InputError("flow_shift", f"{info.path}/scheduler/scheduler_config.json: flow_shift must be a finite "
+                                       f"number > 0, got {cfg_shift!r}")
     if image is not None:
         if not info.accepts_image:
             raise InputError("image", f"{name('image')} given, but {info.name} is a text-to-video model ({info.kind})")

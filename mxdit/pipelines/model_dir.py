@@ -140,14 +140,21 @@ def inspect_model_dir(path: str | Path) -> ModelDirInfo:
             raise ValueError(f"patch_size {patch} is not 3-D")
     except (KeyError, TypeError, ValueError) as e:
         raise ModelDirError(f"bad transformer config {path / 'transformer' / 'config.json'}: {e}") from e
-    z_dim = int(vcfg.get("z_dim", 16))
-    spatial = vcfg.get("scale_factor_spatial") or (16 if z_dim == 48 else 8)
-    temporal = vcfg.get("scale_factor_temporal") or 4
+    try:
+        z_dim = int(vcfg.get("z_dim", 16))
+        spatial = int(vcfg.get("scale_factor_spatial") or (16 if z_dim == 48 else 8))
+        temporal = int(vcfg.get("scale_factor_temporal") or 4)
+    except (TypeError, ValueError) as e:
+        raise ModelDirError(f"bad vae config {path / 'vae' / 'config.json'}: {e}") from e
+    try:
+        boundary = None if boundary is None else float(boundary)
+    except (TypeError, ValueError) as e:
+        raise ModelDirError(f"bad boundary_ratio in {path / 'model_index.json'}: {e}") from e
 
     kind = model_kind(in_channels=in_ch, z_dim=z_dim, two_experts=boundary is not None, expand_timesteps=expand)
     return ModelDirInfo(
         path=path, model_index=index, transformer_config=tcfg, vae_config=vcfg, scheduler_config=scfg,
-        boundary_ratio=None if boundary is None else float(boundary), expand_timesteps=expand,
+        boundary_ratio=boundary, expand_timesteps=expand,
         has_transformer_2=has_t2, in_channels=in_ch, out_channels=out_ch, patch_size=patch, z_dim=z_dim,
         vae_scale_spatial=int(spatial), vae_scale_temporal=int(temporal), kind=kind,
         defaults=dict(MODEL_DEFAULTS[kind]),

@@ -228,6 +228,19 @@ def default_transformer_loader(
 
 
 # --------------------------------------------------------------------------- output
+class ComponentLoadError(ValueError):
+    """transformers/diffusers could not load a component of the model directory (one line:
+    the component, the directory and the library's reason)."""
+
+
+def _component(name: str, root, load):
+    try:
+        return load()
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError, ImportError) as e:
+        reason = "; ".join(l.strip() for l in str(e).splitlines() if l.strip()) or type(e).__name__
+        raise ComponentLoadError(f"cannot load the {name} of '{root}' ({type(e).__name__}: {reason})") from e
+
+
 @dataclass
 class WanVideoOutput:
     """Result of :meth:`WanVideoPipeline.__call__`.
@@ -242,6 +255,20 @@ class WanVideoOutput:
     frames: np.ndarray | torch.Tensor | None
     latents: torch.Tensor
     perf: dict[str, Any] = field(default_factory=dict)
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The final latents hold NaN / Inf: the run failed, and no video may be written."""
+
+
+def check_finite_output(out: WanVideoOutput) -> None:
+    """Raise :class:`NonFiniteOutputError` when ``out.latents`` holds NaN or Inf (``generate`` and ``serve``
+    call it before writing a video: a NaN run would otherwise be an all-black MP4)."""
+    bad = ~torch.isfinite(out.latents)
+    if bool(bad.any()):
+        raise NonFiniteOutputError(
+            f"the final latents hold {int(bad.sum())} non-finite value(s) of {out.latents.numel()}; no video written "
+            "(check the weights, --guidance-scale and the scheduler's flow_shift)")
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -396,20 +423,22 @@ class WanVideoPipeline:
             transformer_2 = loader(
                 str(root / "transformer_2"), quantization=quantization, device=device, dtype=dtype, **quant_options
             )
-        tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+        tokenizer = _component("tokenizer", root, lambda: AutoTokenizer.from_pretrained(str(root / "tokenizer")))
         te_cls_name = (info.model_index.get("text_encoder") or [None, None])[1]
         te_cls = getattr(transformers, te_cls_name, None) if te_cls_name else None
         if te_cls is None:
             te_cls = transformers.UMT5EncoderModel
-        text_encoder = te_cls.from_pretrained(str(root / "text_encoder"), dtype=text_encoder_dtype or dtype)
+        text_encoder = _component("text_encoder", root, lambda: te_cls.from_pretrained(
+            str(root / "text_encoder"), dtype=text_encoder_dtype or dtype))
         text_encoder = text_encoder.to(device).eval()
 
-        vae = diffusers.AutoencoderKLWan.from_pretrained(str(root / "vae"), dtype=vae_dtype).to(device).eval()
+        vae = _component("vae", root, lambda: diffusers.AutoencoderKLWan.from_pretrained(
+            str(root / "vae"), dtype=vae_dtype)).to(device).eval()
 
         sched_cls = getattr(diffusers, str(info.scheduler_config.get("_class_name", "")), None)
         if sched_cls is None or not hasattr(sched_cls, "from_pretrained"):
             sched_cls = diffusers.UniPCMultistepScheduler
-        scheduler = sched_cls.from_pretrained(str(root / "scheduler"))
+        scheduler = _component("scheduler", root, lambda: sched_cls.from_pretrained(str(root / "scheduler")))
         if flow_shift is not None:
             scheduler = sched_cls.from_config(scheduler.config, flow_shift=float(flow_shift))
 

@@ -251,7 +251,7 @@ class DualMXLinearMethod(QuantizedLinearMethod):
             w, kernel = self.weight_to_quantize(layer)
             q = self.quantize_rows(lambda c: kernel.quantize_mx_dual(c, round_mode="rint"), w)
             layer.weight = _param(q.qdata)
-            layer.weight_scale = _param(q.scale_l1)
+            layer.weight_scale = _param(_zero_flushed_weight_blocks(q.scale_l0, q.scale_l1))
             layer.weight_dual_scale = _param(q.scale_l0)
         self.finish_common(layer)
 
@@ -391,6 +391,19 @@ class Int4LinearMethod(QuantizedLinearMethod):
             x2d, layer._kernel_weight, layer.bias, weight_scale=layer.weight_scale.data,
             smooth_scale=smooth, out_dtype=out_dtype,
         )
+
+
+def _zero_flushed_weight_blocks(l0: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
+    """A weight 512-block whose L0 flushes to 0 (amax/6 < 2^-126, ascend-npu-mx.md §1.2 step 2)
+    gets the op's rule for an all-zero block (L1 byte 0, outputs 0: step 4, E = 0) instead of
+    the NaN L1 that x/0 would give it: the block dequantizes to exactly 0 (its true values
+    are below 7e-38), so a tiny weight row is a zero output column, not a NaN one.  The codes
+    of such a block are already 0 (dual.py writes 0 for 0xFF blocks)."""
+    flushed = l0 == 0
+    if not bool(flushed.any()):
+        return l1
+    per = l1.shape[-1] // l0.shape[-1]  # 16 L1 blocks per L0 block
+    return l1.masked_fill(flushed.repeat_interleave(per, dim=-1), 0)
 
 
 # ---- weight loaders: checkpoint tensor -> parameter storage ------------------

@@ -83,11 +83,9 @@ def find_weight_files(directory: str) -> list[str]:
 
 
 def load_description(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            desc = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"'{path}' is not valid JSON: {e}") from None
+    from mxdit.fsutil import read_json_strict
+
+    desc = read_json_strict(path, "the description")  # duplicate keys / NaN are errors
     if not isinstance(desc, dict):
         raise ValueError(f"'{path}': an msmodelslim description must be a JSON object")
     return desc

@@ -14,6 +14,7 @@ class Engine:
 
     def generate(self, req: dict[str, Any], output: Path, progress_cb: Callable[[int], None] | None = None) -> dict:
         from mxdit.pipelines.video import write_mp4
+        from mxdit.pipelines.wan import check_finite_output
 
         out = self.pipe(
             req["prompt"], req.get("negative_prompt"), image=req.get("image"), height=req.get("height"),
@@ -21,6 +22,7 @@ class Engine:
             num_inference_steps=req.get("num_inference_steps"), guidance_scale=req.get("guidance_scale"),
             guidance_scale_2=req.get("guidance_scale_2"), seed=req.get("seed", 42), progress=False,
         )
+        check_finite_output(out)  # a NaN run fails the job; no video
         write_mp4(out.frames, output, fps=req["fps"])  # temp file + rename: complete or absent
         perf = dict(out.perf)
         perf["fps"] = req["fps"]

@@ -23,6 +23,17 @@ DEFAULT_PROMPT = "A small red fox trots through fresh snow at sunrise, cinematic
 DEFAULT_NEGATIVE = "blurry, low quality, static"
 
 
+def _check_demo_cache(model_dir: Path) -> None:
+    """The demo's cache holds only what the demo wrote: a ``demo-model`` that is not the
+    demo's tiny model (its marker file) is refused, never replaced or deleted."""
+    from mxdit.cli import UsageError
+    from mxdit.pipelines.tiny import _MARKER
+
+    if os.path.islink(model_dir) or (model_dir.exists() and not (model_dir / _MARKER).is_file()):
+        raise UsageError(f"'{model_dir}' exists and was not written by mxdit demo (no {_MARKER}); "
+                         "remove it or pass another --cache-dir")
+
+
 def default_cache_dir() -> Path:
     root = os.environ.get("MXDIT_CACHE")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "mxdit"
@@ -92,10 +103,11 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()
     model_dir = cache / "demo-model"
+    _check_demo_cache(model_dir)
     if args.rebuild and model_dir.exists():
         import shutil
 
-        shutil.rmtree(model_dir)
+        shutil.rmtree(model_dir)  # only ever the demo's own build (checked above)
     t = time.perf_counter()
     model_dir, built = ensure_tiny_wan_model_dir(model_dir, "t2v-a14b")
     print(f"{'built' if built else 'using cached'} tiny Wan2.2-T2V-A14B-shaped model: {model_dir}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mxdit.cli import UsageError, available_quant_methods
+from mxdit.cli import UsageError, available_quant_methods, finite_float
 
 DTYPES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights replacing transformer/ (the high-noise expert only, as SGLang)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, npu (default: the first accelerator, else cpu)")
     g.add_argument("--dtype", default="bf16", help="transformer/text-encoder dtype: bf16 (default), fp16, fp32")
-    g.add_argument("--flow-shift", type=float, default=None, help="override the scheduler config's flow_shift")
+    g.add_argument("--flow-shift", type=finite_float, default=None, help="override the scheduler config's flow_shift")
     g.add_argument("--attention-backend", default=None,
                    help="self-attention: mxfp8, mxfp8_rotated, fp8_block, fp8_block_rotated, or sdpa / none (unquantized); "
                         "default: unquantized unless SGLANG_DIFFUSION_ENABLE_MXFP8_ATTENTION=1 or the checkpoint says FP8_DYNAMIC")
@@ -48,9 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--num-frames", type=int, default=None, help="4n+1 (default: the model's, e.g. 81)")
     g.add_argument("--num-inference-steps", type=int, default=None)
-    g.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (A14B: the high-noise expert)")
-    g.add_argument("--guidance-scale-2", type=float, default=None, help="A14B: CFG scale of the low-noise expert")
-    g.add_argument("--boundary-ratio", type=float, default=None, help="A14B: expert switch point, in [0, 1]")
+    g.add_argument("--guidance-scale", type=finite_float, default=None, help="CFG scale (A14B: the high-noise expert)")
+    g.add_argument("--guidance-scale-2", type=finite_float, default=None, help="A14B: CFG scale of the low-noise expert")
+    g.add_argument("--boundary-ratio", type=finite_float, default=None, help="A14B: expert switch point, in [0, 1]")
     g.add_argument("--seed", type=int, default=42)
 
     g = p.add_argument_group("output")
@@ -277,9 +277,10 @@ def _run_rank(args: argparse.Namespace) -> int:
     if not rank0:
         args.no_progress = True
 
+
     from mxdit.pipelines.timing import write_json_atomic
     from mxdit.pipelines.video import write_mp4
-    from mxdit.pipelines.wan import WanVideoPipeline
+    from mxdit.pipelines.wan import NonFiniteOutputError, WanVideoPipeline, check_finite_output
 
     t0 = time.perf_counter()
     if rank0:
@@ -294,7 +295,9 @@ def _run_rank(args: argparse.Namespace) -> int:
             attention_quantization=args.attention_backend,  # None: SGLang's env switch decides
         )
     except (FileNotFoundError, NotImplementedError, ValueError) as e:  # a checkpoint problem found while loading
-        raise GenerateFailure(str(e)) from None  # raised, so that every other rank is stopped too
+        from mxdit.cli import one_line_error
+
+        raise GenerateFailure(one_line_error(e)) from None  # raised, so that every other rank is stopped too
     if args.quantization is None and rank0:
         print(f"quantization: {pipe.quantization or 'none'} (detected)", file=sys.stderr)
     many = len(args.prompts) > 1
@@ -312,6 +315,10 @@ def _run_rank(args: argparse.Namespace) -> int:
             )
         except ValueError as e:  # e.g. an image-derived size the model cannot take
             raise UsageError(str(e)) from None
+        try:
+            check_finite_output(out)  # every rank holds the same latents
+        except NonFiniteOutputError as e:
+            raise GenerateFailure(str(e)) from None
         if not rank0:
             continue
         write_mp4(out.frames, output, fps=req.fps)

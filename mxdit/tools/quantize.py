@@ -490,7 +490,7 @@ class _ExpertWriter:
         if out is not None:
             return out
         files = self.plan.ckpt.files
-        w = files.read(self.plan.ckpt.names[lp.model_name + ".weight"]).to(self.device)
+        w = files.read(self.plan.ckpt.names[lp.model_name + ".weight"], finite=True).to(self.device)
         st = self.stats.get(lp.model_name) if self.stats is not None else None
         s = None
         if self.smooth_mode == "calib":
@@ -543,7 +543,7 @@ class _ExpertWriter:
 
         def read(cname, cast=None):
             def produce():
-                t = ckpt.files.read(cname)
+                t = ckpt.files.read(cname, finite=True)  # NaN/Inf inputs (norms, biases too) are errors
                 return t if cast is None else t.to(cast)
             return produce
 
@@ -770,11 +770,17 @@ class _ExpertWriter:
 
 # ============================================================================ top level
 def _check_output(model_path: str, output: str, overwrite: bool) -> None:
-    out_abs, in_abs = os.path.abspath(output), os.path.abspath(model_path)
-    if out_abs == in_abs or out_abs.startswith(in_abs + os.sep) or in_abs.startswith(out_abs + os.sep):
-        raise QuantizeError(f"--output '{output}' must not be inside (or contain) --model-path '{model_path}'")
-    if os.path.exists(output) and not overwrite:
+    """Early, before anything is loaded (atomic_output_dir checks again under its lock)."""
+    from mxdit.fsutil import OutputError, check_output_vs_inputs, written_by_mxdit
+
+    try:
+        check_output_vs_inputs(output, {"--model-path": model_path}, "--output")
+    except OutputError as e:
+        raise QuantizeError(str(e)) from None
+    if os.path.lexists(output) and not overwrite:
         raise QuantizeError(f"output '{output}' already exists; pass --overwrite to replace it")
+    if os.path.lexists(output) and not written_by_mxdit(output):
+        raise QuantizeError(f"output '{output}' was not written by mxdit; refusing to replace it with --overwrite")
 
 
 def _check_calibration_settings(model_path: str, c: CalibrationSettings) -> None:
@@ -899,7 +905,7 @@ def quantize_model(model_path: str, output: str, options: Optional[QuantizeOptio
 
     results: list[ExpertResult] = []
     try:
-        with atomic_output_dir(output, overwrite=opts.overwrite) as tmp:
+        with atomic_output_dir(output, overwrite=opts.overwrite, tool="mxdit quantize", inputs={"--model-path": model_path}) as tmp:
             if kind == "model_dir" and opts.layout == "diffusers":
                 quantized_dirs = {p.key for p in plans}
                 for entry in sorted(os.listdir(model_path)):
@@ -979,8 +985,18 @@ def _scheme_means(layers: list[LayerReport]):
     return out
 
 
+def _cli_device(name):
+    """--device checked before anything is read or written (generate's one device check)."""
+    if name is None:
+        return default_device()
+    from mxdit.tools.generate import _resolve_device
+
+    return _resolve_device(name)
+
+
 def run(args: argparse.Namespace) -> int:
     from mxdit.cli import UsageError
+    from mxdit.loader import CheckpointError
 
     opts = QuantizeOptions(
         recipe=args.recipe, layout=args.layout, fp4_container=args.fp4_container, weight_rule=args.weight_rule,
@@ -989,12 +1005,12 @@ def run(args: argparse.Namespace) -> int:
                                   frames=args.calib_frames, seed=args.calib_seed, samples=args.calib_samples,
                                   image=args.calib_image),
         smooth=args.smooth, smooth_alpha=args.smooth_alpha, shard_size_gb=args.shard_size,
-        allow_non_block=args.allow_non_block, device=args.device or default_device(),
+        allow_non_block=args.allow_non_block, device=_cli_device(args.device),
         overwrite=args.overwrite, progress=not args.no_progress, report_plot=not args.no_plot,
     )
     try:
         res = quantize_model(args.model_path, args.output, opts)
-    except (QuantizeError, FileExistsError) as e:
+    except (QuantizeError, FileExistsError, CheckpointError) as e:
         raise UsageError(str(e).replace("\n", " ")) from None
     for ex in res.experts:
         counts: dict[str, int] = {}

@@ -27,7 +27,7 @@ from mxdit.models.wan.names import is_original_layout
 from mxdit.quant.modelslim import (
     HEADER_KEYS, find_description_file, find_weight_files, is_description_only, load_description, strip_modelslim_wrappers,
 )
-from mxdit.fsutil import atomic_output_dir
+from mxdit.fsutil import MARKER, OutputError, atomic_output_dir, check_output_vs_inputs, written_by_mxdit
 
 MODEL_TYPES = ("Wan2.2-T2V-A14B", "Wan2.2-I2V-A14B", "Wan2.2-TI2V-5B")
 EXPERT_SUBDIRS = {"transformer": "high_noise_model", "transformer_2": "low_noise_model"}
@@ -65,6 +65,7 @@ class _Plan:
             missing = sorted(n for n in self.renamed if n not in self.desc)
             if missing:
                 raise ValueError(f"'{self.desc_path}' has no label for tensors {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+            self._check_like_the_loader(desc)
             ghosts = sorted(k for k, v in desc.items() if isinstance(v, str) and k not in HEADER_KEYS
                             and not is_description_only(k) and model_name(k, original) not in self.renamed)
             if ghosts:
@@ -75,13 +76,27 @@ class _Plan:
             self.files.close()
             raise
 
+    def _check_like_the_loader(self, desc: dict) -> None:
+        """What the loader will check on the repacked directory, checked on the export now
+        (the loader's own step 1: labels dispatched to methods, names, shapes, dtypes)."""
+        from mxdit.loader.checkpoint import config_from_json, open_checkpoint
+        from mxdit.loader.load import check_checkpoint
+
+        ckpt = open_checkpoint(self.src, config=config_from_json(os.path.join(self.orig_tdir, "config.json")))
+        try:
+            check_checkpoint(ckpt)
+        except NotImplementedError as e:  # an unknown label: bad input here
+            raise ValueError(str(e)) from None
+        finally:
+            ckpt.files.close()
+
     def write(self, out_tdir: str) -> int:
         os.makedirs(out_tdir)
         out_file = os.path.join(out_tdir, "diffusion_pytorch_model.safetensors")
         files = self.files
         try:
             entries = [
-                (new, files.info(old).dtype, files.info(old).shape, (lambda old=old: files.read(old)))
+                (new, files.info(old).dtype, files.info(old).shape, (lambda old=old: files.read(old, finite=True)))
                 for new, old in sorted(self.renamed.items())
             ]
             write_safetensors(out_file, entries, metadata={"format": "pt", "source": "mxdit repack"})
@@ -107,19 +122,20 @@ def repack(model_type: str, original_model_path: str, quant_path: str, output_pa
         if not os.path.isfile(os.path.join(original_model_path, t, "config.json")):
             raise FileNotFoundError(f"'{original_model_path}' has no {t}/config.json (a diffusers {model_type} directory is expected)")
         find_description_file(quant_subpath(quant_path, t, model_type))
-    out_abs, inputs = os.path.abspath(output_path), [os.path.abspath(original_model_path), os.path.abspath(quant_path)]
-    if any(out_abs == i or out_abs.startswith(i + os.sep) or i.startswith(out_abs + os.sep) for i in inputs):
-        raise ValueError(f"--output-path '{output_path}' must not be inside (or contain) an input directory")
-    if os.path.exists(output_path) and not overwrite:
+    inputs = {"--original-model-path": original_model_path, "--quant-path": quant_path}
+    check_output_vs_inputs(output_path, inputs, "--output-path")
+    if os.path.lexists(output_path) and not overwrite:
         raise FileExistsError(f"output '{os.path.abspath(output_path)}' already exists; pass --overwrite to replace it")
+    if os.path.lexists(output_path) and not written_by_mxdit(output_path):
+        raise OutputError(f"output '{os.path.abspath(output_path)}' was not written by mxdit; refusing to replace it with --overwrite")
     plans: dict[str, _Plan] = {}
     try:
         for t in tdirs:  # validate every export before copying anything (the text encoder alone is ~11 GB)
             plans[t] = _Plan(quant_subpath(quant_path, t, model_type), os.path.join(original_model_path, t))
         counts: dict[str, int] = {}
-        with atomic_output_dir(output_path, overwrite=overwrite) as tmp:
+        with atomic_output_dir(output_path, overwrite=overwrite, tool="mxdit repack", inputs=inputs) as tmp:
             for entry in sorted(os.listdir(original_model_path)):
-                if entry in tdirs:
+                if entry in tdirs or entry == MARKER:
                     continue
                 src = os.path.join(original_model_path, entry)
                 dst = os.path.join(tmp, entry)
@@ -146,7 +162,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         counts = repack(args.model_type, args.original_model_path, args.quant_path, args.output_path, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise UsageError(str(e)) from None
+        from mxdit.cli import one_line_error
+
+        raise UsageError(one_line_error(e)) from None
     for t, n in counts.items():
         print(f"{t}: {n} tensors")
     print(f"wrote {args.output_path}")

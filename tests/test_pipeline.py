@@ -368,3 +368,12 @@ def test_default_loader_bf16_matches_diffusers_loader(t2v_dir):
     ours = WanVideoPipeline.from_pretrained(t2v_dir, dtype=torch.float32, text_encoder_dtype=torch.float32)
     ref = load_fp32(t2v_dir)
     assert relative_error(ours(PROMPT, NEG, **kw).latents, ref(PROMPT, NEG, **kw).latents) < 1e-4
+
+
+def test_step_callback_reports_each_denoising_step(t2v):
+    seen: list = []
+    kw = dict(height=H, width=W, num_frames=FRAMES, seed=0, output_type="latent", max_sequence_length=L)
+    a = t2v(PROMPT, num_inference_steps=3, step_callback=lambda i, n: seen.append((i, n)), **kw).latents
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    b = t2v(PROMPT, num_inference_steps=3, **kw).latents
+    assert torch.equal(a, b)  # observing the steps changes nothing

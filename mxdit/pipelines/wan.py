@@ -587,8 +587,12 @@ class WanVideoPipeline:
         max_sequence_length: int = 512,
         attention_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
+        step_callback: Callable[[int, int], None] | None = None,
     ) -> WanVideoOutput:
         """Generate a video.
+
+        ``step_callback(done, total)`` is called after each denoising step (``mxdit serve``
+        reports job progress with it).
 
         Unset sampling arguments take the model's defaults (``self.defaults``; e.g.
         T2V-A14B: 480x832, 81 frames, 40 steps, guidance 4.0 high-noise / 3.0 low-noise).
@@ -783,6 +787,8 @@ class WanVideoPipeline:
                         latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
                     bar.set_postfix_str(expert, refresh=False)
                     bar.update(1)
+                    if step_callback is not None:
+                        step_callback(i + 1, len(timesteps))
             finally:
                 bar.close()
             if self.expand_timesteps and condition is not None:

@@ -84,3 +84,22 @@ def test_two_rank_server_matches_one_process_generate(tmp_path_factory, tmp_path
     while not all(_gone(p) for p in ranks) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert all(_gone(p) for p in ranks), "a rank process outlived the server"
+
+
+def test_taken_port_fails_before_any_rank_starts(tmp_path_factory, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    model = tiny_model_dir(tmp_path_factory, "t2v-a14b")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        p = subprocess.run([sys.executable, "-m", "mxdit", "serve", "--model-path", str(model), "--device", "cpu",
+                            "--port", str(port), "--output-path", str(tmp_path), "--num-gpus", "2",
+                            "--ulysses-degree", "2"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    err = p.stderr.strip()
+    assert err.startswith(f"mxdit serve: error: cannot listen on 127.0.0.1:{port}") and "\n" not in err, err
+    assert not list(tmp_path.glob("*.mp4"))

@@ -107,7 +107,10 @@ class DistributedEngine(Engine):
         if self.closed or self.broken:
             return
         self.closed = True
-        broadcast_object(None, group=self.group)
+        try:
+            broadcast_object(None, group=self.group)
+        except Exception:  # the peers are gone already (e.g. torchrun stopped every worker): nothing to stop
+            pass
 
 
 def serve_peer(pipe: Any, group: Any) -> int:

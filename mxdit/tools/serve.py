@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -88,10 +89,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--output-path {args.output_path} is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = _resolve_device(args.device)
+    try:  # fail in a second, not after loading the model (uvicorn binds again later)
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((args.host, args.port))
+    except OSError as e:
+        print(f"mxdit serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
     import signal
 
-    from mxdit.distributed import DEFAULT_DIST_TIMEOUT_S, launch
+    from mxdit.distributed import DEFAULT_DIST_TIMEOUT_S, RankError, launch
 
     try:
         return launch(_serve_rank, parallel, args, parallel, device=device, master_port=args.master_port,
@@ -99,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
                       forward_signals=(signal.SIGTERM, signal.SIGINT)) or 0  # None: a torchrun peer
     except ServeFailure as e:
         print(f"mxdit serve: error: {e}", file=sys.stderr)
+        return 1
+    except (RankError, RuntimeError, TimeoutError) as e:  # a rank died or failed while serving
+        print(f"mxdit serve: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
 
 
@@ -181,7 +193,10 @@ def _serve_http(args, engine, pipe, info, out_dir: Path, db_path: Path) -> int:
         stopped_by: list[int] = []
         for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught after shutting down;
             signal.signal(sig, lambda s, _f: stopped_by.append(s))  # land here so the worker is stopped cleanly
-        userver.run()  # SIGINT/SIGTERM: stop accepting, drain connections, return
+        try:
+            userver.run()  # SIGINT/SIGTERM: stop accepting, drain connections, return
+        except SystemExit as e:  # uvicorn's startup failure (it logged why, e.g. the port was taken meanwhile)
+            raise ServeFailure(f"the HTTP server did not start on {args.host}:{args.port} (exit {e.code})") from None
     finally:
         if server is not None and server.worker.ident is not None:
             server.stop()  # the running job finishes; queued ones end failed with a reason

@@ -103,3 +103,30 @@ def test_taken_port_fails_before_any_rank_starts(tmp_path_factory, tmp_path):
     err = p.stderr.strip()
     assert err.startswith(f"mxdit serve: error: cannot listen on 127.0.0.1:{port}") and "\n" not in err, err
     assert not list(tmp_path.glob("*.mp4"))
+
+
+def test_distributed_engine_failures(tmp_path):
+    """Without a process group (broadcast is the identity): which pipeline failures leave the ranks in step."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from mxdit.serve.engine import DistributedEngine
+
+    calls = []
+
+    def pipe(*a, **k):
+        calls.append(a[0])
+        raise (ValueError if a[0] == "bad input" else RuntimeError)("boom")
+
+    broken = []
+    eng = DistributedEngine(pipe, SimpleNamespace(), group=None, on_broken=lambda: broken.append(True))
+    with pytest.raises(ValueError):  # an input error: every rank meets it, they stay in step
+        eng.generate({"prompt": "bad input", "fps": 8}, tmp_path / "a.mp4")
+    assert not eng.broken and not broken
+    with pytest.raises(RuntimeError):  # anything else: out of step, the server is told to stop
+        eng.generate({"prompt": "oom", "fps": 8}, tmp_path / "b.mp4")
+    assert eng.broken and broken == [True]
+    with pytest.raises(RuntimeError, match="out of step"):  # no further job is handed out
+        eng.generate({"prompt": "next", "fps": 8}, tmp_path / "c.mp4")
+    assert calls == ["bad input", "oom"] and not list(tmp_path.iterdir())

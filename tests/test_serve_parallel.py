@@ -7,6 +7,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 import torch
 
 from _tiny_wan import tiny_model_dir
@@ -109,8 +110,6 @@ def test_distributed_engine_failures(tmp_path):
     """Without a process group (broadcast is the identity): which pipeline failures leave the ranks in step."""
     from types import SimpleNamespace
 
-    import pytest
-
     from mxdit.serve.engine import DistributedEngine
 
     calls = []
@@ -130,3 +129,26 @@ def test_distributed_engine_failures(tmp_path):
     with pytest.raises(RuntimeError, match="out of step"):  # no further job is handed out
         eng.generate({"prompt": "next", "fps": 8}, tmp_path / "c.mp4")
     assert calls == ["bad input", "oom"] and not list(tmp_path.iterdir())
+
+
+def test_distributed_engine_sends_the_decoded_image(tmp_path):
+    """An uploaded image travels to the peers as pixels (a peer on another host cannot read rank 0's uploads/)."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from mxdit.serve.engine import DistributedEngine
+
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 12, 4), dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "in.png")
+    seen = []
+
+    def pipe(*a, **k):
+        seen.append(k["image"])
+        raise ValueError("stop here")
+
+    eng = DistributedEngine(pipe, SimpleNamespace(), group=None)
+    with pytest.raises(ValueError, match="stop here"):
+        eng.generate({"prompt": "x", "image": str(tmp_path / "in.png"), "fps": 8}, tmp_path / "o.mp4")
+    assert isinstance(seen[0], Image.Image) and seen[0].mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(seen[0]), rgba[..., :3])

@@ -89,9 +89,14 @@ class DistributedEngine(Engine):
 
         if self.broken:
             raise RuntimeError("the ranks are out of step after an earlier failure; the server is shutting down")
-        broadcast_object({"job": req}, group=self.group)
+        job = dict(req)
+        if job.get("image") is not None:  # decoded here (as the pipeline would): other hosts cannot read uploads/
+            from mxdit.pipelines.wan import _load_image
+
+            job["image"] = _load_image(job["image"])
+        broadcast_object({"job": job}, group=self.group)
         try:
-            return run_pipeline(self.pipe, req)
+            return run_pipeline(self.pipe, job)
         except ValueError:
             raise  # the same on every rank
         except BaseException:

@@ -271,3 +271,16 @@ def test_restart_keeps_completed_and_kill_leaves_no_partial(t2v, tmp_path):
 def test_non_loopback_needs_api_key(t2v, capsys):
     assert main(["serve", "--model-path", str(t2v), "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_engine_reports_progress_per_step(t2v, tmp_path):
+    """A running job's progress comes from the pipeline's steps (3 steps: 33, 66, then 99 until written)."""
+    from _tiny_wan import load_fp32
+    from mxdit.serve.engine import Engine
+
+    pipe = load_fp32(t2v)
+    seen: list[int] = []
+    req = dict(REQ, prompt="a red fox", height=32, width=32, num_inference_steps=3)
+    Engine(pipe, pipe_info(t2v)).generate(req, tmp_path / "v.mp4", progress_cb=seen.append)
+    assert seen == [33, 66, 99]
+    assert (tmp_path / "v.mp4").stat().st_size > 0

@@ -5,7 +5,9 @@ import datetime
 import os
 import pickle
 import queue as queue_mod
+import signal
 import socket
+import threading
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -94,7 +96,7 @@ def _worker(rank: int, world: int, port: int, backend: str, device: str, config:
 
 def launch(entry: Callable[..., Any], config: ParallelConfig, *args: Any, device: str = "cpu",
            master_port: Optional[int] = None, timeout_s: float = DEFAULT_DIST_TIMEOUT_S,
-           join_timeout_s: Optional[float] = None) -> Any:
+           join_timeout_s: Optional[float] = None, forward_signals: tuple[int, ...] = ()) -> Any:
     """Run ``entry(*args)`` on every rank of ``config``; return rank 0's result.
 
     * Inside torchrun (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set): joins the ``env://``
@@ -108,6 +110,9 @@ def launch(entry: Callable[..., Any], config: ParallelConfig, *args: Any, device
       The first rank to fail ends the run: its exception is raised here (with the rank
       noted), every other rank is terminated.  ``join_timeout_s`` bounds the whole run
       (TimeoutError); ``timeout_s`` is the collectives' timeout (``--dist-timeout``).
+      ``forward_signals`` (e.g. SIGTERM): while the ranks run, this process passes each of
+      these signals on to rank 0 (which then ends the others itself, as ``mxdit serve`` does)
+      instead of acting on it (main thread only).
 
     Each rank's groups are built with :func:`init_parallel_state` before ``entry`` runs,
     and torn down after.
@@ -131,9 +136,23 @@ def launch(entry: Callable[..., Any], config: ParallelConfig, *args: Any, device
                                                 results), daemon=True, name=f"mxdit-rank{r}")
              for r in range(world)]
     deadline = None if join_timeout_s is None else time.monotonic() + join_timeout_s
+    saved_handlers: dict = {}
+    early: list[int] = []  # signals that came before rank 0 existed
+
+    def forward(signum, _frame):
+        if procs[0].pid is None:
+            early.append(signum)
+        elif procs[0].is_alive():
+            os.kill(procs[0].pid, signum)
+
     try:
+        if forward_signals and threading.current_thread() is threading.main_thread():
+            for sig in forward_signals:
+                saved_handlers[sig] = signal.signal(sig, forward)
         for p in procs:
             p.start()
+        for signum in early:
+            os.kill(procs[0].pid, signum)
         done: dict[int, Any] = {}
         while len(done) < world:
             try:
@@ -175,6 +194,8 @@ def launch(entry: Callable[..., Any], config: ParallelConfig, *args: Any, device
             p.join(timeout=30)
         return done[0]
     finally:
+        for sig, handler in saved_handlers.items():
+            signal.signal(sig, handler)
         for p in procs:
             if p.is_alive():
                 p.terminate()

@@ -61,12 +61,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` from rank ``src`` on every rank (pickled; the identity without a group)."""
+def broadcast_object(obj: Any, src: int = 0, group: Any = None) -> Any:
+    """``obj`` from rank ``src`` on every rank of ``group`` (default: all; pickled; the identity without a group)."""
     if not is_initialized() or get_world_size() == 1:
         return obj
     box = [obj if get_rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 

@@ -99,6 +99,14 @@ class Server:
         req.setdefault("seed", 42)
         req["num_frames"] = req.get("num_frames", d["num_frames"])
         req["height"], req["width"] = req.get("height", d["height"]), req.get("width", d["width"])
+        check = getattr(self.engine, "check", None)  # the device layout's rules (multi-rank engines)
+        if check is not None:
+            try:
+                check(req)
+            except ValueError as e:
+                if "image" in req:
+                    Path(req["image"]).unlink(missing_ok=True)
+                raise BadRequest("size", str(e)) from None
         return req
 
     # ---- the worker: one job at a time, in order ----

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import socket
 import sys
 from pathlib import Path
 
@@ -32,10 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue-size", type=int, default=16, help="queued jobs before POST answers 429")
     g.add_argument("--served-model-name", default=None, help="the model id /v1/models reports")
     g = p.add_argument_group("parallelism")
-    g.add_argument("--num-gpus", type=int, default=1)
+    g.add_argument("--num-gpus", type=int, default=None,
+                   help="ranks to spawn on this host (default 1, or torchrun's world size); rank 0 serves HTTP")
     g.add_argument("--ulysses-degree", type=int, default=None)
     g.add_argument("--ring-degree", type=int, default=None)
     g.add_argument("--enable-cfg-parallel", action="store_true")
+    g.add_argument("--tp-size", type=int, default=1, help="tensor parallel (only 1 is supported)")
+    g.add_argument("--master-port", type=int, default=None, help="rendezvous port of spawned ranks (default: free)")
+    g.add_argument("--dist-timeout", type=float, default=None,
+                   help="seconds a collective inside a job may wait (default 1800); idle peers wait indefinitely")
 
 
 def _is_loopback(host: str) -> bool:
@@ -47,9 +53,20 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _layout_args(args: argparse.Namespace, req: dict | None = None) -> argparse.Namespace:
+    """What ``mxdit generate``'s ``parallel_config`` reads: the server's flags, and a request's size (or the
+    model's default size).  Guidance stays the model's default, so every request resolves the server's layout."""
+    req = req or {}
+    return argparse.Namespace(
+        num_gpus=args.num_gpus, ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
+        enable_cfg_parallel=args.enable_cfg_parallel, tp_size=args.tp_size, master_port=args.master_port,
+        dist_timeout=args.dist_timeout, guidance_scale=None, guidance_scale_2=None, image=None,
+        height=req.get("height"), width=req.get("width"), num_frames=req.get("num_frames"))
+
+
 def run(args: argparse.Namespace) -> int:
     from mxdit.pipelines.model_dir import ModelDirError, inspect_model_dir
-    from mxdit.tools.generate import DTYPES, _resolve_device
+    from mxdit.tools.generate import DTYPES, _resolve_device, parallel_config
 
     if not _is_loopback(args.host) and not args.api_key:
         raise UsageError(f"--host {args.host} is not loopback; pass --api-key to serve beyond this machine")
@@ -62,58 +79,128 @@ def run(args: argparse.Namespace) -> int:
                          f"(choose from: {', '.join(available_quant_methods())})")
     if args.dtype.lower() not in DTYPES:
         raise UsageError(f"unknown --dtype {args.dtype!r} (choose from: bf16, fp16, fp32)")
-    if args.num_gpus < 1:
-        raise UsageError(f"--num-gpus must be >= 1, got {args.num_gpus}")
-    if args.num_gpus > 1:
-        try:
-            import mxdit.distributed  # noqa: F401
-        except ModuleNotFoundError:
-            raise UsageError("--num-gpus > 1 needs mxdit.distributed, which this build does not have") from None
-        raise UsageError("--num-gpus > 1: the multi-rank server engine is not wired in this build yet")
     try:
         info = inspect_model_dir(args.model_path)
     except ModelDirError as e:
         raise UsageError(f"--model-path: {e}") from None
+    parallel = parallel_config(_layout_args(args), info)  # the one layout validator (UsageError), before loading
     out_dir = Path(args.output_path).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--output-path {args.output_path} is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    db_path = Path(args.db_path).expanduser() if args.db_path else out_dir / "jobs.sqlite"
+    device = _resolve_device(args.device)
+    try:  # fail in a second, not after loading the model (uvicorn binds again later)
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((args.host, args.port))
+    except OSError as e:
+        print(f"mxdit serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+
+    import signal
+
+    from mxdit.distributed import DEFAULT_DIST_TIMEOUT_S, RankError, launch
+
+    try:
+        return launch(_serve_rank, parallel, args, parallel, device=device, master_port=args.master_port,
+                      timeout_s=args.dist_timeout or DEFAULT_DIST_TIMEOUT_S,
+                      forward_signals=(signal.SIGTERM, signal.SIGINT)) or 0  # None: a torchrun peer
+    except ServeFailure as e:
+        print(f"mxdit serve: error: {e}", file=sys.stderr)
+        return 1
+    except (RankError, RuntimeError, TimeoutError) as e:  # a rank died or failed while serving
+        print(f"mxdit serve: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
+
+
+class ServeFailure(RuntimeError):
+    """A failure while loading (exit status 1), raised on any rank so that every rank stops."""
+
+
+def _serve_rank(args: argparse.Namespace, parallel) -> int:
+    """One rank: load the pipeline; rank 0 serves HTTP and hands each job to the others, which run it too."""
+    import signal
 
     import torch
-    import uvicorn
 
+    from mxdit import distributed as mxdist
+    from mxdit.pipelines.model_dir import inspect_model_dir
     from mxdit.pipelines.wan import WanVideoPipeline
-    from mxdit.serve.app import Server, create_app
-    from mxdit.serve.engine import Engine
-    from mxdit.serve.store import JobStore
+    from mxdit.serve.engine import DistributedEngine, Engine, control_group, serve_peer
+    from mxdit.tools.generate import DTYPES, _resolve_device, parallel_config
 
+    info = inspect_model_dir(args.model_path)
+    out_dir = Path(args.output_path).expanduser()
+    db_path = Path(args.db_path).expanduser() if args.db_path else out_dir / "jobs.sqlite"
+    multi = mxdist.get_world_size() > 1
+    rank0 = mxdist.is_rank0()
     device = _resolve_device(args.device)
-    print(f"loading {info.path} ({info.kind}) on {device}, quantization={args.quantization or 'auto-detect'} ...",
-          file=sys.stderr)
+    if multi:
+        device = mxdist.rank_device(device, mxdist.get_local_rank())
+        if not rank0:  # Ctrl-C reaches every process of the terminal: rank 0 alone decides, and stops the others
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if rank0:
+        print(f"loading {info.path} ({info.kind}) on {device}, quantization={args.quantization or 'auto-detect'}"
+              + (f", {parallel.num_gpus} ranks (ulysses {parallel.ulysses_degree}, cfg {parallel.cfg_degree})"
+                 if multi else "") + " ...", file=sys.stderr)
     try:
         pipe = WanVideoPipeline.from_pretrained(
             info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
             device=device, dtype=getattr(torch, DTYPES[args.dtype.lower()]), flow_shift=args.flow_shift)
     except (FileNotFoundError, NotImplementedError, ValueError) as e:
-        print(f"mxdit serve: error: {e}", file=sys.stderr)
-        return 1
-    store = JobStore(str(db_path))
-    server = Server(Engine(pipe, info), store, out_dir, queue_size=args.max_queue_size, api_key=args.api_key,
-                    model_name=args.served_model_name or info.path.name,
-                    quantization=pipe.quantization or "none")
-    server.start()
-    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning")
-    print(f"serving on http://{args.host}:{args.port}/v1 (db {db_path}, videos in {out_dir})", file=sys.stderr,
-          flush=True)
+        raise ServeFailure(str(e)) from None  # raised, so that every other rank is stopped too
+    if not multi:
+        engine = Engine(pipe, info)
+    else:
+        group = control_group()  # collective: every rank has loaded when it returns
+        if not rank0:
+            return serve_peer(pipe, group)
+
+        def check(req: dict) -> None:  # the request's size against the layout, with generate's validator
+            try:
+                parallel_config(_layout_args(args, req), info)
+            except UsageError as e:
+                raise ValueError(str(e)) from None
+
+        engine = DistributedEngine(pipe, info, group, check=check)
+    return _serve_http(args, engine, pipe, info, out_dir, db_path)
+
+
+def _serve_http(args, engine, pipe, info, out_dir: Path, db_path: Path) -> int:
+    """Rank 0 (or the only process): uvicorn, the job store and the worker thread, until SIGTERM / SIGINT."""
     import signal
 
-    stopped_by: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught after shutting down;
-        signal.signal(sig, lambda s, _f: stopped_by.append(s))  # land here so the worker is stopped cleanly
+    import uvicorn
+
+    from mxdit.serve.app import Server, create_app
+    from mxdit.serve.store import JobStore
+
+    store = None
+    server = None
     try:
-        uvicorn.Server(config).run()  # SIGINT/SIGTERM: stop accepting, drain connections, return
+        store = JobStore(str(db_path))
+        server = Server(engine, store, out_dir, queue_size=args.max_queue_size, api_key=args.api_key,
+                        model_name=args.served_model_name or info.path.name,
+                        quantization=pipe.quantization or "none")
+        config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning")
+        userver = uvicorn.Server(config)
+        if hasattr(engine, "on_broken"):  # ranks out of step: stop serving (the job has failed already)
+            engine.on_broken = lambda: setattr(userver, "should_exit", True)
+        server.start()
+        print(f"serving on http://{args.host}:{args.port}/v1 (db {db_path}, videos in {out_dir})", file=sys.stderr,
+              flush=True)
+        stopped_by: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises the signal it caught after shutting down;
+            signal.signal(sig, lambda s, _f: stopped_by.append(s))  # land here so the worker is stopped cleanly
+        try:
+            userver.run()  # SIGINT/SIGTERM: stop accepting, drain connections, return
+        except SystemExit as e:  # uvicorn's startup failure (it logged why, e.g. the port was taken meanwhile)
+            raise ServeFailure(f"the HTTP server did not start on {args.host}:{args.port} (exit {e.code})") from None
     finally:
-        server.stop()  # the running job finishes; queued ones end failed with a reason
-        store.close()
-    return 0
+        if server is not None and server.worker.ident is not None:
+            server.stop()  # the running job finishes; queued ones end failed with a reason
+        engine.close()  # multi-rank: the stop message to the other ranks (startup failures included)
+        if store is not None:
+            store.close()
+    return 1 if getattr(engine, "broken", False) else 0

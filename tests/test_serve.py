@@ -269,8 +269,30 @@ def test_restart_keeps_completed_and_kill_leaves_no_partial(t2v, tmp_path):
 
 
 def test_non_loopback_needs_api_key(t2v, capsys):
-    assert main(["serve", "--model-path", str(t2v), "--host", "0.0.0.0"]) == 2
+    # refused before anything binds (192.0.2.0/24 is the RFC 5737 documentation range: never contacted)
+    assert main(["serve", "--model-path", str(t2v), "--host", "192.0.2.10"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+def test_api_key_guards_every_route_but_health(tmp_path):
+    """With --api-key, a request needs `Authorization: Bearer KEY` (the OpenAI SDK's header); /health does not."""
+    from fastapi.testclient import TestClient
+    from openai import AuthenticationError, OpenAI
+
+    from mxdit.serve.app import Server, create_app
+    from mxdit.serve.store import JobStore
+
+    srv = Server(object(), JobStore(str(tmp_path / "jobs.sqlite")), tmp_path, api_key="s3cret", quantization="mxfp8")
+    http = TestClient(create_app(srv))
+    assert http.get("/health").status_code == 200
+    assert http.get("/v1/models").status_code == 401
+    assert http.get("/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = http.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and "mxfp8" in ok.text
+    assert http.get("/v1/videos/video_" + "0" * 32, headers={"Authorization": "Bearer s3cret"}).status_code == 404
+    sdk = OpenAI(base_url="http://testserver/v1", api_key="wrong", http_client=http, max_retries=0)
+    with pytest.raises(AuthenticationError):
+        sdk.videos.list()
 
 
 def test_engine_reports_progress_per_step(t2v, tmp_path):

@@ -6,7 +6,6 @@ argument check of the emulated npu_fused_infer_attention_score_v2.
 """
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -19,13 +18,10 @@ BF16 = torch.bfloat16
 
 
 @pytest.fixture
-def npu(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    monkeypatch.delitem(K._INSTANCES, "npu", raising=False)
+def npu(npu, monkeypatch):
+    """The shared emulated-torch_npu fixture (conftest.py), default head chunks; yields the NPUBackend."""
     monkeypatch.delenv(MXFP8_FA_HEAD_CHUNK_ENV, raising=False)
-    fake.reset_calls()
-    yield K.get_backend("npu")
-    K._INSTANCES.pop("npu", None)
+    return K.get_backend("npu")
 
 
 def qkv(b, s, n, d=64, seed=0):

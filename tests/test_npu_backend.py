@@ -27,14 +27,6 @@ from mxdit.quant.registry import get_quant_config
 BF16 = torch.bfloat16
 
 
-@pytest.fixture
-def npu(monkeypatch):
-    """Install the emulated torch_npu and give a fresh NPUBackend instance."""
-    monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    monkeypatch.delitem(K._INSTANCES, "npu", raising=False)
-    fake.reset_calls()
-    yield fake
-    K._INSTANCES.pop("npu", None)
 
 
 def called(name: str) -> int:

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ import torch
 from torch import nn
 
 import fake_torch_npu as fake
-import mxdit.kernels as K
 from mxdit.kernels.base import quantize_int4_per_token
 from mxdit.layers.linear import QuantLinear
 from mxdit.quant.methods import int4_weight_loader
@@ -30,13 +28,6 @@ BF16 = torch.bfloat16
 PREFIX = "blocks.0.attn1.to_q"
 
 
-@pytest.fixture
-def npu(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    monkeypatch.delitem(K._INSTANCES, "npu", raising=False)
-    fake.reset_calls()
-    yield fake
-    K._INSTANCES.pop("npu", None)
 
 
 def oracle_act(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -33,22 +33,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("quantize", "mxdit.tools.quantize", "quantize a checkpoint offline (see mxdit.tools.quantize)"),
 ]
 
-# TODO(replace): mxdit.quant.registry.available_quant_methods() is the source of truth once it
-# lands; this list is only the fallback while it does not exist.  Keep it the ONE copy.
-FALLBACK_QUANT_METHODS: tuple[str, ...] = ("mxfp8", "mxfp4", "mxfp4_dual", "mxfp4_npu", "fp8", "modelslim")
-
-
-def available_quant_methods() -> tuple[str, ...]:
-    """Names accepted by ``--quantization``."""
-    try:
-        from mxdit.quant.registry import available_quant_methods as _registry_methods
-    except ImportError:
-        return FALLBACK_QUANT_METHODS
-    return tuple(_registry_methods())
-
-
-class UsageError(Exception):
-    """Bad command-line input: printed as one line, exit status 2."""
+from mxdit.errors import UsageError  # noqa: F401  (main catches it; the tools import it from mxdit.errors)
 
 
 def finite_float(text: str) -> float:

@@ -23,6 +23,8 @@ import torch
 import mxdit.formats as F
 from mxdit.cli import main as cli_main
 from mxdit.models.wan.names import LINEAR_SUFFIXES_DIFFUSERS, LINEAR_SUFFIXES_ORIGINAL, original_to_diffusers
+from mxdit.formats import rules as FR
+from mxdit.formats.metrics import sqnr_db
 from mxdit.quant import offline_rules as R
 from mxdit.tools.calibrate import CalibrationSettings
 from mxdit.tools.quantize import QuantizeOptions, quantize_model
@@ -132,7 +134,7 @@ def _dequant(t: dict, prefix: str, scheme: str) -> torch.Tensor:
 
 
 def _sqnr(ref, approx) -> float:
-    return R.sqnr_db(ref, approx)
+    return sqnr_db(ref, approx)
 
 
 def _expected_block(b: int, schemes: dict[str, str], *, layout: str, smoothed: bool, container: str) -> dict:
@@ -354,7 +356,7 @@ def test_model_dir_layouts_and_whole_model_accuracy(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------------ weight rules
 def _q(x, fmt, rule):
-    codes, scale = R.quantize_mx_rule(x, fmt, rule)
+    codes, scale = FR.quantize_mx_rule(x, fmt, rule)
     if fmt == "fp4_e2m1":
         vals = _unpack_fp4_values(F.pack_fp4(codes))
     else:
@@ -399,8 +401,8 @@ def test_minmax_fp4_8_7_boundary_and_half_away():
     assert rint[0, 1:4].tolist() == [0.5, -0.5, 0.25]
     # clips: shared exponent in [-129, 125]; an all-zero block gets floor(log2(9.6e-7)) - 2 = -22 (ceil_x: ceil(log2(9.6e-7)) = -19)
     big = torch.tensor([[3.0e38], [0.0]])
-    assert R.shared_exponent(big, "fp4_e2m1", "minmax").flatten().tolist() == [125.0, -22.0]
-    assert R.shared_exponent(big, "fp4_e2m1", "ceil_x").flatten().tolist() == [125.0, -19.0]
+    assert FR.shared_exponent(big, "fp4_e2m1", "minmax").flatten().tolist() == [125.0, -22.0]
+    assert FR.shared_exponent(big, "fp4_e2m1", "ceil_x").flatten().tolist() == [125.0, -19.0]
 
 
 def test_ceil_x_boundaries():
@@ -410,7 +412,7 @@ def test_ceil_x_boundaries():
         (c * 4 * (1 - 4e-6), 2), (c * 4, 3), (3.0, -1), (0.01, -9),
     ]
     for amax, s in cases:
-        got = R.shared_exponent(torch.tensor([amax]), "fp4_e2m1", "ceil_x").item()
+        got = FR.shared_exponent(torch.tensor([amax]), "fp4_e2m1", "ceil_x").item()
         assert got == s, (amax, got, s)
         # (at exactly c * 2^k the +9.6e-7 term moves the block up: the scaled max is then c / 2)
         assert c / 2 < amax / 2.0**s <= c or amax / 2.0**s == c / 2
@@ -494,7 +496,7 @@ def test_rules_match_formats_and_mse_is_blockwise_best():
     g = torch.Generator().manual_seed(3)
     w = torch.randn(64, 512, generator=g) * torch.exp(torch.randn(1, 512, generator=g))
     for fmt in ("fp8_e4m3", "fp4_e2m1"):
-        codes, scale = R.quantize_mx_rule(w, fmt, "floor")
+        codes, scale = FR.quantize_mx_rule(w, fmt, "floor")
         q = F.quantize_mx(w, fmt, scale_mode="floor", round_mode="rint")
         assert torch.equal(codes, q.codes()) and torch.equal(scale, q.scale)
         errs = {}
@@ -523,9 +525,9 @@ def test_dualscale_level0_is_true_division_and_wprime_stays_fp32():
     q = R.quantize_weight(w, "W4A4_MXFP4_DUALSCALE", "minmax")
     assert q.dual_scale.shape == (4, 1) and torch.equal(q.dual_scale[:, 0], amax / 6.0)
     wp = w / (amax / 6.0)[:, None]  # fp32, no bf16 rounding in between
-    codes, scale = R.quantize_mx_rule(wp, "fp4_e2m1", "minmax")
+    codes, scale = FR.quantize_mx_rule(wp, "fp4_e2m1", "minmax")
     assert torch.equal(q.qdata, F.pack_fp4(codes)) and torch.equal(q.scale, scale)
-    assert R.dual_level0(torch.zeros(1, 512))[0].item() == 0.0  # all-zero block: L0 0, no NaN
+    assert FR.dual_level0(torch.zeros(1, 512))[0].item() == 0.0  # all-zero block: L0 0, no NaN
     assert torch.equal(R.quantize_weight(torch.zeros(2, 512), "W4A4_MXFP4_DUALSCALE").dequantize(), torch.zeros(2, 512))
 
 

@@ -21,7 +21,7 @@ from torch import nn
 import fake_torch_npu as fake
 from mxdit.kernels.base import quantize_int4_per_token
 from mxdit.layers.linear import QuantLinear
-from mxdit.quant.methods import int4_weight_loader
+from mxdit.quant.schemes import int4_weight_loader
 from mxdit.quant.registry import get_quant_config
 
 BF16 = torch.bfloat16

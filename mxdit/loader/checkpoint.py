@@ -38,7 +38,7 @@ from mxdit.models.wan.config import WanTransformerConfig
 from mxdit.models.wan.names import is_original_layout, original_to_diffusers, strip_prefix
 from mxdit.quant import QuantConfig, get_quant_config
 from mxdit.quant.modelslim import DESCRIPTION_FILE, DESCRIPTION_GLOB, WEIGHT_GLOB, find_description_file, load_description, strip_modelslim_wrappers
-from mxdit.quant.registry import canonical_name
+from mxdit.quant.schemes import canonical_name
 
 #: Wan layers the online methods quantize by default: the block linears, as
 #: msmodelslim's Wan adapters do (ascend-npu-mx.md §3.5).  ``proj_out`` (N = 64)

@@ -21,6 +21,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from mxdit.formats.chunks import row_chunks
 from mxdit.fsutil import parse_json_strict as _parse_json_strict, read_json_strict as _read_json_strict
 
 DTYPES = {
@@ -226,7 +227,7 @@ _NAN_CODES = {  # byte patterns of NaN/Inf in the 8-bit float formats (mask, val
 }
 
 
-def check_finite_tensor(t: torch.Tensor, name: str, path: str, chunk_elements: int = 1 << 22) -> None:
+def check_finite_tensor(t: torch.Tensor, name: str, path: str) -> None:
     """Raise a one-line :class:`CheckpointError` naming the tensor and file if ``t`` holds
     NaN or Inf (checked in chunks: no full-size mask)."""
     if not (t.is_floating_point() or t.dtype in _NAN_CODES) or t.numel() == 0:
@@ -234,8 +235,8 @@ def check_finite_tensor(t: torch.Tensor, name: str, path: str, chunk_elements: i
     flat = t.reshape(-1)
     codes = _NAN_CODES.get(t.dtype)
     bad_count = 0
-    for i in range(0, flat.numel(), chunk_elements):
-        c = flat[i : i + chunk_elements]
+    for i, i1 in row_chunks(flat.numel(), 1):  # chunks of ROW_CHUNK_ELEMENTS elements
+        c = flat[i:i1]
         if codes is not None:
             b = c.view(torch.uint8)
             bad = torch.zeros_like(b, dtype=torch.bool)

@@ -2,20 +2,10 @@
 msmodelslim offline schemes (W8A8_MXFP8, W4A4_MXFP4, W4A4_MXFP4_DUALSCALE,
 W8A8, W8A8_DYNAMIC, W4A4_DYNAMIC).
 
-Storage after ``process_weights_after_loading`` (the same names msmodelslim
-uses, so an online-quantized layer looks like a repacked pre-quantized one):
-
-=====================  =========================================================
-MX (fp8 / fp4)         weight  float8_e4m3fn [N, K]  or packed uint8 [N, K/2]
-                       weight_scale uint8 [N, K/32]  (E8M0 bytes)
-dual-level MXFP4       weight  packed uint8 [N, K/2]; weight_scale uint8 [N, K/32]
-                       (L1, E8M0); weight_dual_scale float32 [N, K/512] (L0)
-fp8 (per channel)      weight  float8_e4m3fn [N, K]; weight_scale float32 [N]
-int8 (msmodelslim)     weight  int8 [N, K] + the scheme's scales
-int4 (W4A4_DYNAMIC)    weight  int8 [N, K], one int4 value in [-8, 7] per byte;
-                       weight_scale float32 [N, 1]; weight_offset float32 [N, 1] (zeros)
-all                    bias float32 [N] (added in fp32); mul_scale [K] if smoothed
-=====================  =========================================================
+Storage: each scheme's checkpoint tensors (names, dtypes, shapes) are its record in
+:mod:`mxdit.quant.schemes`; ``create_weights`` registers exactly those (online methods: the float
+weight, quantized after loading into the same tensors, so an online-quantized layer looks like a
+repacked pre-quantized one).
 
 Activations are quantized per token at run time: the input is flattened to
 2-D [M, K] (as the NPU ops require), cast to bf16 unless it is bf16/fp16 (the
@@ -30,6 +20,7 @@ import torch
 from torch import nn
 
 from mxdit import formats as F
+from mxdit.formats.chunks import row_chunks, rows_per_chunk
 from mxdit.kernels import KernelBackend, quantize_fp8_per_token, select_backend
 from mxdit.quant.base import LinearMethod, set_weight_attrs
 
@@ -47,14 +38,38 @@ def _empty(shape, dtype, device) -> nn.Parameter:
 class QuantizedLinearMethod(LinearMethod):
     """Shared machinery: fp32 bias, smoothing, kernel backend, 2-D activations."""
 
-    #: K must be a multiple of this for the scheme
-    k_multiple = 1
-
-    def __init__(self, *, act_round_mode: str = "rint", backend: Optional[str] = None, smooth_in_quant: bool = False):
+    def __init__(self, scheme, *, online: bool = False, smoothed: bool = False, act_round_mode: str = "rint",
+                 backend: Optional[str] = None, smooth_in_quant: bool = False):
         F.elements.check_round_mode(act_round_mode)
+        #: the scheme's record (:class:`mxdit.quant.schemes.Scheme`): names, tensors, K multiple
+        self.scheme = scheme
+        self.online = online
+        self.smoothed = smoothed
         self.act_round_mode = act_round_mode
         self.backend_name = backend
         self.smooth_in_quant = smooth_in_quant
+        self.name = scheme.name if online or not scheme.online else scheme.online + "(modelslim)"
+
+    @property
+    def k_multiple(self) -> int:
+        """K must be a multiple of this for the scheme"""
+        return self.scheme.k_multiple
+
+    def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
+        """Online: the checkpoint's float weight as it is.  Offline: the record's tensors."""
+        self.check_shape(layer, in_features)
+        if self.online:
+            self.create_online_weights(layer, in_features, out_features, bias, params_dtype, device)
+            return
+        for suffix, spec in self.scheme.tensors.items():
+            p = _empty(spec.shape_for(out_features, in_features), spec.dtype, device)
+            set_weight_attrs(p, weight_loader=spec.load)
+            if spec.missing_init is not None:
+                set_weight_attrs(p, missing_init=spec.missing_init)
+            setattr(layer, suffix, p)
+        self.create_bias(layer, out_features, bias, device)
+        if self.smoothed:
+            self.create_mul_scale(layer, in_features, device)
 
     # -- creation helpers ---------------------------------------------------
     def check_shape(self, layer: nn.Module, in_features: int) -> None:
@@ -89,24 +104,14 @@ class QuantizedLinearMethod(LinearMethod):
         layer.weight = _empty((out_features, in_features), params_dtype, device)
         self.create_bias(layer, out_features, bias, device, params_dtype)
 
-    def create_fp4_storage(self, layer, in_features, out_features, bias, device) -> None:
-        """msmodelslim FP4 storage: packed weight (either container accepted), e8m0 scales per 32."""
-        layer.weight = _empty((out_features, in_features // 2), torch.uint8, device)
-        set_weight_attrs(layer.weight, weight_loader=fp4_weight_loader)
-        layer.weight_scale = _empty((out_features, in_features // 32), torch.uint8, device)
-        self.create_bias(layer, out_features, bias, device)
-
-    #: elements per chunk of online weight quantization (1M: ~30 MB of temporaries)
-    chunk_elements = 1 << 20
-
-    @classmethod
-    def quantize_rows(cls, fn, w: torch.Tensor):
+    @staticmethod
+    def quantize_rows(fn, w: torch.Tensor):
         """Apply a row-wise quantizer ``fn`` to ``w`` chunk by chunk of rows, writing each
         result into preallocated outputs: blocks run along K, so rows are independent and
         the result is identical, while the temporaries stay those of one chunk (about 7x
         a chunk's bf16 bytes) instead of 7x the whole weight."""
         n = w.shape[0]
-        rows = max(1, cls.chunk_elements // max(1, w.shape[-1]))
+        rows = rows_per_chunk(w.shape[-1])
         first = fn(w[:rows])
         if n <= rows:
             return first
@@ -114,8 +119,8 @@ class QuantizedLinearMethod(LinearMethod):
         fields = dict(enumerate(first)) if is_tuple else dict(vars(first))
         out = {k: (torch.empty((n, *v.shape[1:]), dtype=v.dtype, device=v.device) if isinstance(v, torch.Tensor) else v)
                for k, v in fields.items()}
-        for i in range(0, n, rows):
-            part = first if i == 0 else fn(w[i : i + rows])
+        for i, i1 in row_chunks(n, w.shape[-1]):
+            part = first if i == 0 else fn(w[i:i1])
             vals = dict(enumerate(part)) if is_tuple else vars(part)
             for k, v in vals.items():
                 if isinstance(v, torch.Tensor):
@@ -169,39 +174,11 @@ class MXLinearMethod(QuantizedLinearMethod):
     msmodelslim storage is loaded as is (FP4 weights in either container).
     """
 
-    k_multiple = 32
-
-    def __init__(
-        self,
-        fmt: str,
-        *,
-        online: bool,
-        scale_mode: str = "floor",
-        weight_round_mode: str = "rint",
-        smoothed: bool = False,
-        **kw,
-    ):
-        super().__init__(**kw)
+    def __init__(self, scheme, *, fmt: str, scale_mode: str = "floor", weight_round_mode: str = "rint", **kw):
+        super().__init__(scheme, **kw)
         self.fmt = F.get_format(fmt).name
-        self.online = online
         self.scale_mode = scale_mode
         self.weight_round_mode = weight_round_mode
-        self.smoothed = smoothed
-        self.name = {"fp8_e4m3": "mxfp8", "fp4_e2m1": "mxfp4"}[self.fmt] + ("" if online else "(modelslim)")
-
-    def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
-        self.check_shape(layer, in_features)
-        if self.online:
-            self.create_online_weights(layer, in_features, out_features, bias, params_dtype, device)
-            return
-        if self.fmt == "fp8_e4m3":
-            layer.weight = _empty((out_features, in_features), torch.float8_e4m3fn, device)
-            layer.weight_scale = _empty((out_features, in_features // 32), torch.uint8, device)
-            self.create_bias(layer, out_features, bias, device)
-        else:
-            self.create_fp4_storage(layer, in_features, out_features, bias, device)
-        if self.smoothed:
-            self.create_mul_scale(layer, in_features, device)
 
     def process_weights_after_loading(self, layer):
         if self.online:
@@ -226,26 +203,6 @@ class MXLinearMethod(QuantizedLinearMethod):
 class DualMXLinearMethod(QuantizedLinearMethod):
     """W4A4 dual-level MXFP4 (Ascend A5 ``npu_dual_level_quant_matmul``)."""
 
-    k_multiple = F.L0_BLOCK
-
-    def __init__(self, *, online: bool, smoothed: bool = False, **kw):
-        super().__init__(**kw)
-        self.online = online
-        self.smoothed = smoothed
-        self.name = "mxfp4_dual" + ("" if online else "(modelslim)")
-
-    def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
-        self.check_shape(layer, in_features)
-        if self.online:
-            self.create_online_weights(layer, in_features, out_features, bias, params_dtype, device)
-            return
-        self.create_fp4_storage(layer, in_features, out_features, bias, device)
-        # required: no missing_init, so a checkpoint without it is reported as missing
-        layer.weight_dual_scale = _empty((out_features, in_features // F.L0_BLOCK), torch.float32, device)
-        set_weight_attrs(layer.weight_dual_scale, weight_loader=dual_scale_loader)
-        if self.smoothed:
-            self.create_mul_scale(layer, in_features, device)
-
     def process_weights_after_loading(self, layer):
         if self.online:
             w, kernel = self.weight_to_quantize(layer)
@@ -268,8 +225,6 @@ class DualMXLinearMethod(QuantizedLinearMethod):
 
 class FP8LinearMethod(QuantizedLinearMethod):
     """Online FP8 E4M3: per-output-channel weight scales, per-token dynamic activation scales."""
-
-    name = "fp8"
 
     def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
         self.create_online_weights(layer, in_features, out_features, bias, params_dtype, device)
@@ -297,28 +252,9 @@ class Int8LinearMethod(QuantizedLinearMethod):
     not added).  Dynamic: y = (x_q W_q^T) * x_scale * weight_scale + bias.
     """
 
-    def __init__(self, *, dynamic: bool, smoothed: bool = False, **kw):
-        super().__init__(**kw)
+    def __init__(self, scheme, *, dynamic: bool, **kw):
+        super().__init__(scheme, **kw)
         self.dynamic = dynamic
-        self.smoothed = smoothed
-        self.name = "W8A8_DYNAMIC" if dynamic else "W8A8"
-
-    def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
-        layer.weight = _empty((out_features, in_features), torch.int8, device)
-        if self.dynamic:
-            layer.weight_scale = _empty((out_features, 1), torch.float32, device)
-            layer.weight_offset = _empty((out_features, 1), torch.float32, device)
-            set_weight_attrs(layer.weight_offset, missing_init="zeros")
-        else:
-            layer.input_scale = _empty((1,), torch.float32, device)
-            layer.input_offset = _empty((1,), torch.float32, device)
-            set_weight_attrs(layer.input_offset, weight_loader=_any_numeric_loader)
-            layer.quant_bias = _empty((out_features,), torch.int32, device)
-            layer.deq_scale = _empty((out_features,), torch.float32, device)
-            set_weight_attrs(layer.deq_scale, weight_loader=deq_scale_loader)
-        self.create_bias(layer, out_features, bias, device)
-        if self.smoothed:
-            self.create_mul_scale(layer, in_features, device)
 
     def process_weights_after_loading(self, layer):
         if self.dynamic and getattr(layer, "weight_offset", None) is not None:
@@ -357,23 +293,6 @@ class Int4LinearMethod(QuantizedLinearMethod):
     wrong outputs), mxdit refuses such a layer with a clear error instead.
     """
 
-    name = "W4A4_DYNAMIC"
-
-    def __init__(self, *, smoothed: bool = False, **kw):
-        super().__init__(**kw)
-        self.smoothed = smoothed
-
-    def create_weights(self, layer, in_features, out_features, bias, params_dtype, device):
-        layer.weight = _empty((out_features, in_features), torch.int8, device)
-        set_weight_attrs(layer.weight, weight_loader=int4_weight_loader)
-        layer.weight_scale = _empty((out_features, 1), torch.float32, device)
-        set_weight_attrs(layer.weight_scale, weight_loader=_column_loader)
-        layer.weight_offset = _empty((out_features, 1), torch.float32, device)
-        set_weight_attrs(layer.weight_offset, missing_init="zeros", weight_loader=_column_loader)
-        self.create_bias(layer, out_features, bias, device)
-        if self.smoothed:
-            self.create_mul_scale(layer, in_features, device)
-
     def process_weights_after_loading(self, layer):
         off = getattr(layer, "weight_offset", None)
         if off is not None and bool((off.data != 0).any()):
@@ -406,92 +325,15 @@ def _zero_flushed_weight_blocks(l0: torch.Tensor, l1: torch.Tensor) -> torch.Ten
     return l1.masked_fill(flushed.repeat_interleave(per, dim=-1), 0)
 
 
-# ---- weight loaders: checkpoint tensor -> parameter storage ------------------
-
-def check_finite(layer: nn.Module, w: torch.Tensor, chunk_elements: int = 1 << 22) -> None:
+def check_finite(layer: nn.Module, w: torch.Tensor) -> None:
     """Raise naming the layer if ``w`` holds Inf or NaN (checked in row chunks: no full-size mask)."""
     if not w.is_floating_point():
         return
-    rows = max(1, chunk_elements // max(1, w.shape[-1])) if w.dim() > 1 else w.shape[0]
-    for i in range(0, w.shape[0], rows):
-        if not bool(torch.isfinite(w[i : i + rows]).all()):
+    for i, i1 in row_chunks(w.shape[0], w.shape[-1] if w.dim() > 1 else w.shape[0]):
+        if not bool(torch.isfinite(w[i:i1]).all()):
             bad = ~torch.isfinite(w)
             idx = tuple(int(j) for j in bad.nonzero()[0])
             raise ValueError(
                 f"layer '{getattr(layer, 'prefix', '?')}': weight has {int(bad.sum())} non-finite values "
                 f"(first at {idx}: {float(w[idx])}); online quantization needs finite weights"
             )
-
-
-def _shape_error(name, got, want):
-    return ValueError(f"tensor '{name}': shape {tuple(got)} does not match the expected {tuple(want)}")
-
-
-def fp4_weight_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
-    """FP4 weights in either msmodelslim container: packed uint8 [N, K/2] (since
-    msmodelslim 4557940) or float8_e4m3fn values [N, K] (<= 26.0.0); both become packed."""
-    n, kh = param.shape
-    if t.dtype == torch.uint8:
-        if tuple(t.shape) != (n, kh):
-            raise _shape_error(name, t.shape, (n, kh))
-        return t
-    if t.dtype == torch.float8_e4m3fn:
-        if tuple(t.shape) != (n, 2 * kh):
-            raise _shape_error(name, t.shape, (n, 2 * kh))
-        return F.fp8_container_to_fp4(t, name=name)
-    raise ValueError(
-        f"tensor '{name}': an FP4 weight must be packed uint8 [N, K/2] or float8_e4m3fn values [N, K], got {t.dtype}"
-    )
-
-
-def dual_scale_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
-    """weight_dual_scale: msmodelslim stores float32 [N, K/512, 1]; [N, K/512] is accepted too."""
-    given = t.shape
-    if t.dim() == 3 and t.shape[-1] == 1:
-        t = t.squeeze(-1)
-    if tuple(t.shape) != tuple(param.shape):
-        raise _shape_error(name, given, (*param.shape, 1))
-    if not t.is_floating_point():
-        raise ValueError(f"tensor '{name}': weight_dual_scale must be float32, got {t.dtype}")
-    return t.to(torch.float32)
-
-
-def deq_scale_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
-    """deq_scale: float32, or (ascendv1, fp16 models) float32 bits held in int64 / int32."""
-    t = t.reshape(-1) if t.dim() == 2 and 1 in t.shape else t
-    if tuple(t.shape) != tuple(param.shape):
-        raise _shape_error(name, t.shape, param.shape)
-    if t.dtype in (torch.int64, torch.int32):
-        return t.to(torch.int32).view(torch.float32)  # low 32 bits are the float32 pattern
-    if not t.is_floating_point():
-        raise ValueError(f"tensor '{name}': deq_scale must be float32 or int64 holding float32 bits, got {t.dtype}")
-    return t.to(torch.float32)
-
-
-def _any_numeric_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
-    if t.numel() != param.numel():
-        raise _shape_error(name, t.shape, param.shape)
-    return t.reshape(param.shape).to(param.dtype)
-
-
-def int4_weight_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
-    """W4A4_DYNAMIC weight: int8 [N, K] holding int4 values, each in [-8, 7]."""
-    if tuple(t.shape) != tuple(param.shape):
-        raise _shape_error(name, t.shape, param.shape)
-    if t.dtype != torch.int8:
-        raise ValueError(f"tensor '{name}': a W4A4_DYNAMIC weight must be int8 (one int4 value per byte), got {t.dtype}")
-    lo, hi = int(t.min()) if t.numel() else 0, int(t.max()) if t.numel() else 0
-    if lo < -8 or hi > 7:
-        raise ValueError(f"tensor '{name}': W4A4_DYNAMIC weight values must be int4 in [-8, 7], found [{lo}, {hi}]")
-    return t
-
-
-def _column_loader(param: torch.Tensor, t: torch.Tensor, *, name: str = "?") -> torch.Tensor:
-    """Per-channel fp32 [N, 1]; [N] accepted too."""
-    if t.dim() == 1:
-        t = t.unsqueeze(-1)
-    if tuple(t.shape) != tuple(param.shape):
-        raise _shape_error(name, t.shape, param.shape)
-    if not t.is_floating_point():
-        raise ValueError(f"tensor '{name}': expected a floating tensor (float32), got {t.dtype}")
-    return t.to(torch.float32)

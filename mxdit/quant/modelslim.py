@@ -23,7 +23,7 @@ import re
 from typing import Any, Callable, Optional
 
 from mxdit.quant.base import LinearMethod, QuantConfig
-from mxdit.quant.methods import DualMXLinearMethod, Int4LinearMethod, Int8LinearMethod, MXLinearMethod
+from mxdit.quant.schemes import ATTENTION_LABELS, BY_LABEL, FLOAT
 
 DESCRIPTION_FILE = "quant_model_description.json"  # ascendv1 saver
 DESCRIPTION_GLOB = "quant_model_description_*.json"  # mindie-format saver
@@ -34,12 +34,13 @@ HEADER_KEYS = {
     "model_quant_type", "version", "metadata", "group_size", "optional", "kv_cache_type", "fa_quant_type",
     "ignore", "packed_modules_mapping", "quant_method", "reverse_param_names_mapping",
 }
-LABELS = {"FLOAT", "W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W8A8", "W8A8_DYNAMIC", "W4A4_DYNAMIC"}
+#: the labels of a linear layer's weight: FLOAT and every scheme record's (mxdit.quant.schemes)
+LABELS = {FLOAT, *BY_LABEL}
 
 #: description keys that label a module, not a tensor: ``<attn>.quant_type`` ("FP8_DYNAMIC":
 #: msmodelslim's FA3 dynamic quantization of that attention, W8A8F8 / W4A4F8)
 DESCRIPTION_ONLY_SUFFIXES = (".quant_type",)
-ATTENTION_QUANT_LABELS = {"FP8_DYNAMIC"}
+ATTENTION_QUANT_LABELS = set(ATTENTION_LABELS)
 
 
 def is_description_only(key: str) -> bool:
@@ -170,21 +171,13 @@ class ModelSlimConfig(QuantConfig):
             return None
         label = self.label_of(prefix)
         smoothed = prefix in self.smoothed
-        if label == "FLOAT":
+        if label == FLOAT:
             if smoothed:
                 raise ValueError(f"{self.source}: layer '{prefix}' is FLOAT but has a smooth-quant mul_scale")
             return None
-        if label == "W8A8_MXFP8":
-            return MXLinearMethod("fp8_e4m3", online=False, smoothed=smoothed, **self.method_kw)
-        if label == "W4A4_MXFP4":
-            return MXLinearMethod("fp4_e2m1", online=False, smoothed=smoothed, **self.method_kw)
-        if label == "W4A4_MXFP4_DUALSCALE":
-            return DualMXLinearMethod(online=False, smoothed=smoothed, **self.method_kw)
-        if label in ("W8A8", "W8A8_DYNAMIC"):
-            kw = {k: v for k, v in self.method_kw.items()}
-            return Int8LinearMethod(dynamic=label == "W8A8_DYNAMIC", smoothed=smoothed, **kw)
-        if label == "W4A4_DYNAMIC":
-            return Int4LinearMethod(smoothed=smoothed, **self.method_kw)
+        scheme = BY_LABEL.get(label)
+        if scheme is not None:
+            return scheme.make_method(online=False, smoothed=smoothed, **self.method_kw)
         if label == "":
             raise ValueError(
                 f"{self.source}: no entry for layer '{prefix}' (looked for '{prefix}.weight' after mapping "

@@ -5,14 +5,15 @@ import fnmatch
 from typing import Optional, Sequence
 
 from mxdit.quant.base import LinearMethod, QuantConfig
-from mxdit.quant.methods import DualMXLinearMethod, FP8LinearMethod, MXLinearMethod
+from mxdit.quant.schemes import BY_ONLINE, canonical_name
 
 
 class OnlineQuantConfig(QuantConfig):
     """One online method for every selected layer.
 
     Args:
-        method: "mxfp8", "mxfp4", "mxfp4_dual" or "fp8".
+        method: an online scheme name (:func:`mxdit.quant.schemes.online_methods`:
+            "mxfp8", "mxfp4", "mxfp4_dual", "fp8").
         include: glob patterns on layer prefixes to quantize (None: every layer).
         ignore: glob patterns on layer prefixes to leave unquantized (wins over include).
         act_round_mode: activation element rounding, "rint" (default) or "round" (vllm-ascend).
@@ -21,8 +22,6 @@ class OnlineQuantConfig(QuantConfig):
             NPU op's rule.
         backend: kernel backend override ("reference", "npu", "triton").
     """
-
-    METHODS = ("mxfp8", "mxfp4", "mxfp4_dual", "fp8")
 
     def __init__(
         self,
@@ -34,22 +33,17 @@ class OnlineQuantConfig(QuantConfig):
         scale_mode: str = "floor",
         backend: Optional[str] = None,
     ):
-        if method not in self.METHODS:
-            raise ValueError(f"unknown online method {method!r}; valid: {list(self.METHODS)}")
+        method = canonical_name(method, what="online method", online_only=True)
         if method == "fp8" and act_round_mode != "rint":
             raise ValueError("the fp8 method rounds activations half to even (torch's cast); act_round_mode must be 'rint'")
         self.name = method
         self.include = None if include is None else tuple(include)
         self.ignore = tuple(ignore)
+        scheme = BY_ONLINE[method]
         kw = dict(act_round_mode=act_round_mode, backend=backend)
-        if method == "mxfp8":
-            self.method: LinearMethod = MXLinearMethod("fp8_e4m3", online=True, scale_mode=scale_mode, **kw)
-        elif method == "mxfp4":
-            self.method = MXLinearMethod("fp4_e2m1", online=True, scale_mode=scale_mode, **kw)
-        elif method == "mxfp4_dual":
-            self.method = DualMXLinearMethod(online=True, **kw)
-        else:
-            self.method = FP8LinearMethod(**kw)
+        if "scale_mode" in scheme.online_options:  # the MX methods' weight scale rule (others ignore it)
+            kw["scale_mode"] = scale_mode
+        self.method: LinearMethod = scheme.make_method(online=True, **kw)
 
     @classmethod
     def from_config(cls, config):

@@ -6,21 +6,13 @@ from typing import Any
 from mxdit.quant.base import QuantConfig
 from mxdit.quant.modelslim import ModelSlimConfig
 from mxdit.quant.online import OnlineQuantConfig
+from mxdit.quant.schemes import MODELSLIM, ONLINE_ALIASES, available_quant_methods, canonical_name, online_methods
 
-#: canonical names; "mxfp4_npu" is SGLang's name for the dual-level scheme
-QUANT_METHODS = ("mxfp8", "mxfp4", "mxfp4_dual", "fp8", "modelslim")
-ALIASES = {"mxfp4_npu": "mxfp4_dual"}
-
-
-def available_quant_methods() -> list[str]:
-    return list(QUANT_METHODS) + sorted(ALIASES)
-
-
-def canonical_name(name: str) -> str:
-    n = ALIASES.get(name, name)
-    if n not in QUANT_METHODS:
-        raise ValueError(f"unknown quantization method {name!r}; valid: {available_quant_methods()}")
-    return n
+#: canonical names (the online schemes' names, then "modelslim"); aliases: ALIASES
+#: ("mxfp4_npu" is SGLang's name for the dual-level scheme).  All from mxdit.quant.schemes.
+QUANT_METHODS = (*online_methods(), MODELSLIM)
+ALIASES = ONLINE_ALIASES
+__all__ = ["QUANT_METHODS", "ALIASES", "available_quant_methods", "canonical_name", "get_quant_config"]
 
 
 def get_quant_config(name: str, **options: Any) -> QuantConfig:
@@ -32,7 +24,7 @@ def get_quant_config(name: str, **options: Any) -> QuantConfig:
     name_map, ignore, act_round_mode, smooth_in_quant, backend (see ModelSlimConfig).
     """
     n = canonical_name(name)
-    if n == "modelslim":
+    if n == MODELSLIM:
         path = options.pop("path", None)
         desc = options.pop("description", None)
         if (path is None) == (desc is None):

@@ -47,6 +47,8 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from mxdit.formats.chunks import row_chunks
+
 logger = logging.getLogger(__name__)
 
 S_MIN_LOG2, S_MAX_LOG2 = -20, 20
@@ -243,11 +245,11 @@ def data_free_smooth_factors(w_colmax: torch.Tensor, alpha: float) -> torch.Tens
     return _pow2(log2s, -DATA_FREE_MAX_LOG2, DATA_FREE_MAX_LOG2).to(torch.float32)
 
 
-def column_amax(w: torch.Tensor, rows_per_chunk: int = 1024) -> torch.Tensor:
+def column_amax(w: torch.Tensor) -> torch.Tensor:
     """max_i |W[i, j]| as float32 [K], in row chunks (no full-size temporary)."""
     out = torch.zeros(w.shape[1], dtype=torch.float32, device=w.device)
-    for r0 in range(0, w.shape[0], rows_per_chunk):
-        out = torch.maximum(out, w[r0 : r0 + rows_per_chunk].abs().amax(dim=0).to(torch.float32))
+    for r0, r1 in row_chunks(w.shape[0], w.shape[1]):
+        out = torch.maximum(out, w[r0:r1].abs().amax(dim=0).to(torch.float32))
     return out
 
 

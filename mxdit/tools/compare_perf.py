@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from mxdit.cli import UsageError
+from mxdit.errors import UsageError
 
 LOOP = "Denoising Loop"
 _STEP_RE = re.compile(r"^denoising_step_(\d+)$")

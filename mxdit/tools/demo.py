@@ -26,7 +26,7 @@ DEFAULT_NEGATIVE = "blurry, low quality, static"
 def _check_demo_cache(model_dir: Path) -> None:
     """The demo's cache holds only what the demo wrote: a ``demo-model`` that is not the
     demo's tiny model (its marker file) is refused, never replaced or deleted."""
-    from mxdit.cli import UsageError
+    from mxdit.errors import UsageError
     from mxdit.pipelines.tiny import _MARKER
 
     if os.path.islink(model_dir) or (model_dir.exists() and not (model_dir / _MARKER).is_file()):
@@ -76,13 +76,12 @@ def run(args: argparse.Namespace) -> int:
         rc = numerics_demo.main()
         return int(rc or 0)
 
-    from mxdit.cli import UsageError, available_quant_methods
+    from mxdit.errors import UsageError
+    from mxdit.quant.schemes import canonical_name
 
     quants = [q.strip() for q in args.quantizations.split(",") if q.strip()]
-    known = available_quant_methods()
-    bad = [q for q in quants if q not in known]
-    if bad:
-        raise UsageError(f"unknown --quantizations {', '.join(bad)} (choose from: {', '.join(known)})")
+    for q in quants:
+        canonical_name(q, what="--quantizations entry")  # the one name check (a ValueError: exit 2)
     if args.num_frames < 1 or (args.num_frames - 1) % 4:
         raise UsageError(f"--num-frames must be 4n+1, got {args.num_frames}")
     if args.height % 16 or args.width % 16 or args.height <= 0 or args.width <= 0:

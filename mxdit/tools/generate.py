@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mxdit.cli import UsageError, available_quant_methods, finite_float
+from mxdit.cli import finite_float
+from mxdit.errors import UsageError
+from mxdit.quant.schemes import available_quant_methods, canonical_name
 
 DTYPES = {
     "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -141,9 +143,7 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
     except ModelDirError as e:
         raise UsageError(f"--model-path: {e}") from None
     if args.quantization is not None:
-        methods = available_quant_methods()
-        if args.quantization not in methods:
-            raise UsageError(f"unknown --quantization {args.quantization!r} (choose from: {', '.join(methods)})")
+        canonical_name(args.quantization, what="--quantization")  # the one name check (a ValueError: exit 2)
     if args.transformer_weights_path is not None and not Path(args.transformer_weights_path).exists():
         raise UsageError(f"--transformer-weights-path {args.transformer_weights_path} does not exist")
     if args.quantization == "modelslim":  # needs a description next to each expert's weights

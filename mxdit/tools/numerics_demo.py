@@ -7,12 +7,12 @@ outlier channels) to every format, and prints bits per value, the error
 """
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 
 from mxdit import formats as F
+from mxdit.formats.metrics import sqnr_db
 from mxdit.kernels import quantize_fp8_per_token
 
 
@@ -29,12 +29,6 @@ def realistic_activation(m: int = 4096, k: int = 5120, seed: int = 1) -> torch.T
     outliers = torch.randperm(k, generator=g)[: k // 200]
     x[:, outliers] *= 20.0
     return x.to(torch.bfloat16)
-
-
-def _sqnr_db(ref: torch.Tensor, q: torch.Tensor) -> float:
-    ref, q = ref.double(), q.double()
-    noise = (ref - q).pow(2).sum().item()
-    return math.inf if noise == 0 else 10 * math.log10(ref.pow(2).sum().item() / noise)
 
 
 def _time(fn, reps: int = 3) -> tuple[float, object]:
@@ -83,7 +77,7 @@ def run(rows: int = 1024, width: int = 5120) -> str:
             err = (deq.float() - ref).norm().item() / ref.norm().item()
             bits = 8.0 * size(q) / x.numel()
             lines.append(
-                f"| {tname} | {name} | {bits:.2f} | {_sqnr_db(ref, deq):.2f} | {err:.4f} | {x.numel() * 2 / secs / 1e9:.2f} |"
+                f"| {tname} | {name} | {bits:.2f} | {sqnr_db(ref, deq):.2f} | {err:.4f} | {x.numel() * 2 / secs / 1e9:.2f} |"
             )
     return "\n".join(lines)
 

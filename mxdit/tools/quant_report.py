@@ -25,13 +25,14 @@ from typing import Any, Optional
 
 import torch
 
-from mxdit import formats as F
-from mxdit.quant.offline_rules import QuantizedWeight
+from mxdit.quant.schemes import BY_LABEL, EXPORTABLE
 
 REPORT_MD = "quality_report.md"
 REPORT_PNG = "quality_report.png"
 REPORT_JSON = "quality_report.json"
-SCHEME_ORDER = ("W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W4A4_DYNAMIC")
+#: the schemes ``mxdit quantize`` writes, in record order (mxdit.quant.schemes)
+SCHEME_ORDER = tuple(EXPORTABLE)
+_MARKERS = "os^Dvp*hx+"
 
 
 @dataclass
@@ -59,59 +60,22 @@ class ReportMeta:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class SqnrAccumulator:
-    """Accumulates sum ref^2 and sum err^2 over chunks (fp32 per chunk, float64 across chunks)."""
-
-    def __init__(self):
-        self.sig = 0.0
-        self.err = 0.0
-
-    def add(self, ref: torch.Tensor, approx: torch.Tensor) -> None:
-        self.sig += float(ref.float().square().sum())
-        self.err += float((ref.float() - approx.float()).square_().sum())
-
-    @property
-    def db(self) -> float:
-        if self.err == 0:
-            return math.inf
-        if self.sig == 0:
-            return -math.inf
-        return 10.0 * math.log10(self.sig / self.err)
-
-
 class ActQuant:
     """The runtime activation quantization of one layer, done once for all weight chunks.
 
     ``deq``: the quantized activations dequantized (fp32 [S, K]), in the smoothed domain
-    (``x * mul_scale``): ``deq @ deq(W * s)^T`` is the layer's runtime product up to fp32
-    summation order (every MX product term is exact in fp32; see mxdit.formats.matmul).
+    (``x * mul_scale``), by the scheme record's activation quantizer (``Scheme.act_quant``: MX floor
+    scales and round-half-even, dual-level, int4 per token...): ``deq @ deq(W * s)^T`` is the layer's
+    runtime product up to fp32 summation order (every MX product term is exact in fp32; see
+    mxdit.formats.matmul).
     """
 
     def __init__(self, x: torch.Tensor, scheme: str, mul_scale: Optional[torch.Tensor]):
         x = x.to(torch.bfloat16) if x.dtype not in (torch.bfloat16, torch.float16) else x
         self.scheme = scheme
-        if scheme == "W4A4_DYNAMIC":  # int4 per token, as the runtime (mxdit.kernels.base)
-            from mxdit.kernels.base import quantize_int4_per_token
-
-            xs = x if mul_scale is None else x * mul_scale.to(x.device, x.dtype)
-            self.q = quantize_int4_per_token(xs)
-            self.deq = self.q[0].to(torch.float32) * self.q[1]
-            return
-        if scheme == "W4A4_MXFP4_DUALSCALE":
-            ms = None if mul_scale is None else mul_scale.to(x.device)
-            self.q = F.quantize_mx_dual(x, smooth_scale=ms, round_mode="rint")
-        else:
-            xs = x if mul_scale is None else x * mul_scale.to(x.device, x.dtype)
-            fmt = "fp8_e4m3" if scheme == "W8A8_MXFP8" else "fp4_e2m1"
-            self.q = F.quantize_mx(xs, fmt, scale_mode="floor", round_mode="rint")
-        self.deq = self.q.dequantize(torch.float32)
-
-    def matmul(self, w: QuantizedWeight) -> torch.Tensor:
-        if self.scheme == "W4A4_DYNAMIC":
-            return self.deq @ w.dequantize().t()
-        if self.scheme == "W4A4_MXFP4_DUALSCALE":
-            return F.dual_mx_matmul(self.q, w.dual(), None, torch.float32)
-        return F.mx_matmul(self.q, w.mx(), None, torch.float32)
+        # smoothing is x * mul_scale in x's dtype (the dual-level op's smooth_scale is the same product)
+        xs = x if mul_scale is None else x * mul_scale.to(x.device, x.dtype)
+        self.deq = BY_LABEL[scheme].act_quant(xs)
 
 
 def random_activations(k: int, rows: int, seed: int = 0) -> torch.Tensor:
@@ -175,7 +139,7 @@ def render_png(path: str, meta: ReportMeta, layers: list[LayerReport]) -> None:
     fig = Figure(figsize=(max(8.0, min(0.06 * len(layers) + 6, 30.0)), 7.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 1, sharex=True)
-    markers = {"W8A8_MXFP8": "o", "W4A4_MXFP4": "s", "W4A4_MXFP4_DUALSCALE": "^", "W4A4_DYNAMIC": "D"}
+    markers = dict(zip(SCHEME_ORDER, _MARKERS))
 
     def finite(v):
         return v if math.isfinite(v) else float("nan")

@@ -130,7 +130,9 @@ from mxdit.tools.calibrate import (
     read_prompts,
     smooth_factors,
 )
-from mxdit.tools.quant_report import ActQuant, LayerReport, ReportMeta, SqnrAccumulator, random_activations, write_report
+from mxdit.formats.chunks import row_chunks
+from mxdit.formats.metrics import SqnrAccumulator
+from mxdit.tools.quant_report import ActQuant, LayerReport, ReportMeta, random_activations, write_report
 from mxdit.tools.recipes import BUILTIN_RECIPES, AttentionPlan, Recipe, RecipeError, canonical_scheme
 from mxdit.kernels import default_device
 from mxdit.tools.repack import EXPERT_SUBDIRS
@@ -148,8 +150,6 @@ ASCENDV1_WEIGHTS = "quant_model_weights"
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 GB = 1 << 30
 DEFAULT_SHARD_GB = 4.0
-#: rows per chunk: about this many weight elements are processed at once
-CHUNK_ELEMENTS = 1 << 20
 
 
 class QuantizeError(ValueError):
@@ -379,10 +379,6 @@ def _plan_expert(key: str, src: str, out_rel: str, recipe: Recipe, rules: dict[s
 
 
 # ============================================================================ per-layer work
-def _rows_per_chunk(k: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(k, 1))
-
-
 @dataclass
 class LayerOutput:
     quantized: QuantizedWeight
@@ -419,9 +415,7 @@ def quantize_layer(
                             dtype=torch.uint8 if fmt == "fp4_e2m1" else torch.float8_e4m3fn, device=dev)
         scale = torch.empty(n, k // 32, dtype=torch.uint8, device=dev)
     dual = torch.empty(n, k // 512, dtype=torch.float32, device=dev) if plan.scheme == "W4A4_MXFP4_DUALSCALE" else None
-    step = _rows_per_chunk(k)
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
+    for r0, r1 in row_chunks(n, k):
         wc = w[r0:r1].to(torch.float32)
         qc = quantize_weight(wc * s if s is not None else wc, plan.scheme, plan.rule, keep_dequantized=True)
         deq = qc.deq  # of W * s
@@ -995,7 +989,7 @@ def _cli_device(name):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mxdit.cli import UsageError
+    from mxdit.errors import UsageError
     from mxdit.loader import CheckpointError
 
     opts = QuantizeOptions(

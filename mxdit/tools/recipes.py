@@ -14,9 +14,10 @@ File format (plain text, no YAML)::
   ``text_embedding.0``, ``time_embedding.2``, ``time_projection.1``.  ``[0-4]``
   is a single-character class, so ``blocks.[0-4].*`` is blocks 0 to 4 (and not
   10 to 49); write one rule per range beyond that (``blocks.1[0-9].*``).
-* SCHEME is ``W8A8_MXFP8``, ``W4A4_MXFP4``, ``W4A4_MXFP4_DUALSCALE``,
-  ``W4A4_DYNAMIC`` (int4) or ``FLOAT`` (case-insensitive; aliases ``mxfp8``,
-  ``mxfp4``, ``mxfp4_dual``, ``int4``, ``float``/``bf16``).
+* SCHEME is the msmodelslim label of a scheme ``mxdit quantize`` writes
+  (:data:`mxdit.quant.schemes.EXPORTABLE`: ``W8A8_MXFP8``, ``W4A4_MXFP4``,
+  ``W4A4_MXFP4_DUALSCALE``, ``W4A4_DYNAMIC``) or ``FLOAT`` (case-insensitive;
+  the records' aliases ``mxfp8``, ``mxfp4``, ``mxfp4_dual``, ``int4``, and ``float``/``bf16``).
 * The first rule that matches a layer wins; a layer no rule matches stays
   FLOAT.
 * Attention (msmodelslim's W8A8F8 / W4A4F8 exports), on original attention
@@ -58,15 +59,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-SCHEMES = ("W8A8_MXFP8", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W4A4_DYNAMIC", "FLOAT")
-_ALIASES = {
-    "w8a8_mxfp8": "W8A8_MXFP8", "mxfp8": "W8A8_MXFP8",
-    "w4a4_mxfp4": "W4A4_MXFP4", "mxfp4": "W4A4_MXFP4",
-    "w4a4_mxfp4_dualscale": "W4A4_MXFP4_DUALSCALE", "mxfp4_dual": "W4A4_MXFP4_DUALSCALE",
-    "mxfp4-dual": "W4A4_MXFP4_DUALSCALE", "dualscale": "W4A4_MXFP4_DUALSCALE",
-    "w4a4_dynamic": "W4A4_DYNAMIC", "int4": "W4A4_DYNAMIC",
-    "float": "FLOAT", "bf16": "FLOAT", "none": "FLOAT",
-}
+from mxdit.quant.schemes import EXPORTABLE, FLOAT, canonical_label
+
+SCHEMES = (*EXPORTABLE, FLOAT)
 
 BUILTIN_RECIPES: dict[str, str] = {
     "all-mxfp8": "blocks.* W8A8_MXFP8\n",
@@ -101,9 +96,8 @@ class RecipeError(ValueError):
 
 
 def canonical_scheme(name: str) -> Optional[str]:
-    if name in SCHEMES:
-        return name
-    return _ALIASES.get(name.lower())
+    """A recipe's scheme spelling -> its label (FLOAT included), or None (:func:`canonical_label`)."""
+    return canonical_label(name)
 
 
 def is_block_layer(original_name: str) -> bool:

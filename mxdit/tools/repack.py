@@ -157,7 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mxdit.cli import UsageError
+    from mxdit.errors import UsageError
 
     try:
         counts = repack(args.model_type, args.original_model_path, args.quant_path, args.output_path, overwrite=args.overwrite)

@@ -12,7 +12,8 @@ import socket
 import sys
 from pathlib import Path
 
-from mxdit.cli import UsageError, available_quant_methods
+from mxdit.errors import UsageError
+from mxdit.quant.schemes import available_quant_methods, canonical_name
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -74,9 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be in [1, 65535], got {args.port}")
     if args.max_queue_size < 1:
         raise UsageError(f"--max-queue-size must be >= 1, got {args.max_queue_size}")
-    if args.quantization is not None and args.quantization not in available_quant_methods():
-        raise UsageError(f"unknown --quantization {args.quantization!r} "
-                         f"(choose from: {', '.join(available_quant_methods())})")
+    if args.quantization is not None:
+        canonical_name(args.quantization, what="--quantization")  # the one name check (a ValueError: exit 2)
     if args.dtype.lower() not in DTYPES:
         raise UsageError(f"unknown --dtype {args.dtype!r} (choose from: bf16, fp16, fp32)")
     try:

@@ -93,6 +93,15 @@ class QuantizedWeight:
     def dual(self) -> F.DualMXTensor:
         return F.DualMXTensor(self.qdata, self.dual_scale, self.scale)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """{suffix: tensor} in parameter shape: exactly the scheme record's tensors (mxdit.quant.schemes)."""
+        out = {"weight": self.qdata, "weight_scale": self.scale}
+        if self.dual_scale is not None:
+            out["weight_dual_scale"] = self.dual_scale
+        if self.fmt == "int4":  # symmetric: msmodelslim writes the zero offset too
+            out["weight_offset"] = torch.zeros_like(self.scale)
+        return out
+
     def dequantize(self) -> torch.Tensor:
         """fp32 [N, K]."""
         if self.deq is not None:

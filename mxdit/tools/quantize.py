@@ -22,50 +22,17 @@ Input (``--model-path``; never modified)
     * an original Wan2.2 A14B directory (``high_noise_model/`` + ``low_noise_model/``):
       one export per expert under the same names.
 
-Output layouts (``--layout``)
-    ``mindie`` (default; msmodelslim ``mindie_format_saver``, what its Wan2.2
-    recipes use)
-        ``quant_model_description_{t}.json`` + ``quant_model_weight_{t}.safetensors``
-        with ``t = model_quant_type.lower()``; the description holds only the
-        tensor labels and ``model_quant_type`` (no version / group_size).
-    ``ascendv1`` (msmodelslim ``ascendv1_saver``)
-        ``quant_model_description.json`` with ``version`` "1.0.0",
-        ``model_quant_type``, ``metadata`` {}, ``group_size`` 32, ``optional`` {};
-        weights ``quant_model_weights-0000x-of-0000y.safetensors`` + index when
-        ``--shard-size`` > 0 (msmodelslim's ``part_file_size``, default 4 GB:
-        always the shard names, a new shard when the next tensor would reach the
-        size), else ``quant_model_weights.safetensors``.
-    ``diffusers``
-        what ``mxdit repack`` produces: ``diffusion_pytorch_model.safetensors``
-        (shards + index when larger than ``--shard-size``) with **diffusers** names,
-        the diffusers ``config.json`` and a ``quant_model_description.json`` with
-        diffusers names; ``mxdit.load_transformer`` reads it as is.  From a model
-        directory the whole directory is written (the other components copied), so
-        ``mxdit generate --model-path OUT`` runs it.  As in ``mxdit repack`` output,
-        smoothed layers have no wrapper components here: ``<layer>.mul_scale``,
-        ``<layer>.weight``...
-
-    msmodelslim layouts use original Wan names and an original-format
-    ``config.json``.  Every tensor has a label: the quantized layer's weight
-    tensors its scheme, biases FLOAT (ascendv1: the scheme for DUALSCALE layers,
-    as msmodelslim), ``div.mul_scale`` FLOAT, every other tensor FLOAT in its
-    source dtype.  ``model_quant_type`` is the highest-priority scheme present
-    (msmodelslim's ``QUANT_TYPE_PRIORITY``; also used for the mindie file names).
-
-Tensors per quantized layer L (``P = L``, or ``L.linear`` when smoothed)
-    ============================  ====================================================
-    W8A8_MXFP8                    P.weight float8_e4m3fn [N,K]; P.weight_scale uint8 [N,K/32]
-    W4A4_MXFP4                    P.weight uint8 [N,K/2] (``--fp4-container uint8``, packed,
-                                  even k in the low nibble) or float8_e4m3fn [N,K] holding
-                                  the FP4 values (``fp8``, msmodelslim <= 26.0.0);
-                                  P.weight_scale uint8 [N,K/32]
-    W4A4_MXFP4_DUALSCALE          as W4A4_MXFP4 plus P.weight_dual_scale float32 [N,K/512,1]
-    W4A4_DYNAMIC                  P.weight int8 [N,K] (one int4 value per byte, symmetric min-max per
-                                  channel); P.weight_scale float32 [N,1]; P.weight_offset float32
-                                  zeros [N,1]
-    all                           P.bias float32 [N]; smoothed: L.div.mul_scale float32 [K]
-                                  (diffusers layout: no wrappers, L.mul_scale and L.weight...)
-    ============================  ====================================================
+Output layouts (``--layout``: ``mindie`` default, ``ascendv1``, ``diffusers``) and the tensors of
+each quantized layer are written by :mod:`mxdit.loader.export` (the checkpoint writer, beside the
+reader); a layer's tensors are its scheme record's (:mod:`mxdit.quant.schemes`, the README's method
+table).  msmodelslim layouts use original Wan names and an original-format ``config.json``; the
+diffusers layout is what ``mxdit repack`` produces (``mxdit.load_transformer`` reads it as is; from a
+model directory the whole directory is written, the other components copied, so
+``mxdit generate --model-path OUT`` runs it).  Every tensor has a label: the quantized layer's
+tensors its scheme, biases FLOAT (ascendv1: the scheme for DUALSCALE layers, as msmodelslim),
+``div.mul_scale`` FLOAT, every other tensor FLOAT in its source dtype.  ``model_quant_type`` is the
+highest-priority scheme present (msmodelslim's ``QUANT_TYPE_PRIORITY``; also the mindie file names).
+``--fp4-container fp8`` writes FP4 weights as float8_e4m3fn values [N, K] (msmodelslim <= 26.0.0).
 
     Scale bytes are E8M0, ``shared_exp + 127``.  The weight scale rule is
     ``--weight-rule`` (:mod:`mxdit.quant.offline_rules`; default ``mse``, the
@@ -110,7 +77,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from mxdit.formats.chunks import row_chunks
+from mxdit.formats.metrics import SqnrAccumulator
 from mxdit.formats.rotation import HADAMARD_SEED, random_hadamard
+from mxdit.kernels import default_device
+from mxdit.loader.export import FP4_CONTAINERS, GB, LAYOUTS, Entry, quantized_layer_entries, write_config, write_export
 from mxdit.quant.offline_rules import (
     DEFAULT_RULES,
     FORMAT_RULES,
@@ -120,6 +91,7 @@ from mxdit.quant.offline_rules import (
     QuantizedWeight,
     quantize_weight,
 )
+from mxdit.quant.schemes import BY_LABEL
 from mxdit.tools.calibrate import (
     CalibrationSettings,
     LayerActStats,
@@ -130,25 +102,11 @@ from mxdit.tools.calibrate import (
     read_prompts,
     smooth_factors,
 )
-from mxdit.formats.chunks import row_chunks
-from mxdit.formats.metrics import SqnrAccumulator
 from mxdit.tools.quant_report import ActQuant, LayerReport, ReportMeta, random_activations, write_report
 from mxdit.tools.recipes import BUILTIN_RECIPES, AttentionPlan, Recipe, RecipeError, canonical_scheme
-from mxdit.kernels import default_device
 from mxdit.tools.repack import EXPERT_SUBDIRS
 
-LAYOUTS = ("mindie", "ascendv1", "diffusers")
-FP4_CONTAINERS = ("uint8", "fp8")
 SMOOTH_MODES = ("none", "calib", "data-free")
-#: msmodelslim AscendV1Saver.QUANT_TYPE_PRIORITY (a later entry wins)
-QUANT_TYPE_PRIORITY = (
-    "FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "WFP8AFP8_DYNAMIC",
-    "W8A8_MXFP8", "W4A8_MXFP", "W4A4_DYNAMIC", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE",
-)
-ASCENDV1_DESC = "quant_model_description.json"
-ASCENDV1_WEIGHTS = "quant_model_weights"
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
-GB = 1 << 30
 DEFAULT_SHARD_GB = 4.0
 
 
@@ -406,15 +364,9 @@ def quantize_layer(
     act = None if x is None else ActQuant(x.to(dev), plan.scheme, mul_scale)
     xf = None if x is None else x.to(dev, torch.float32)
     wacc, oacc = SqnrAccumulator(), SqnrAccumulator()
-    fmt = SCHEME_FORMAT[plan.scheme]
-    if fmt == "int4":  # W4A4_DYNAMIC: int8-held int4 [N, K], fp32 scale [N, 1]
-        qdata = torch.empty(n, k, dtype=torch.int8, device=dev)
-        scale = torch.empty(n, 1, dtype=torch.float32, device=dev)
-    else:
-        qdata = torch.empty((n, k // 2) if fmt == "fp4_e2m1" else (n, k),
-                            dtype=torch.uint8 if fmt == "fp4_e2m1" else torch.float8_e4m3fn, device=dev)
-        scale = torch.empty(n, k // 32, dtype=torch.uint8, device=dev)
-    dual = torch.empty(n, k // 512, dtype=torch.float32, device=dev) if plan.scheme == "W4A4_MXFP4_DUALSCALE" else None
+    # the stored tensors, as the scheme record lists them, filled chunk by chunk
+    store = {sfx: torch.empty(spec.shape_for(n, k), dtype=spec.dtype, device=dev)
+             for sfx, spec in BY_LABEL[plan.scheme].tensors.items()}
     for r0, r1 in row_chunks(n, k):
         wc = w[r0:r1].to(torch.float32)
         qc = quantize_weight(wc * s if s is not None else wc, plan.scheme, plan.rule, keep_dequantized=True)
@@ -422,11 +374,11 @@ def quantize_layer(
         if act is not None:
             oacc.add(xf @ wc.t(), act.deq @ deq.t())
         wacc.add(wc, deq * mul_scale if mul_scale is not None else deq)
-        qdata[r0:r1], scale[r0:r1] = qc.qdata, qc.scale
-        if dual is not None:
-            dual[r0:r1] = qc.dual_scale
+        for sfx, t in qc.tensors().items():
+            store[sfx][r0:r1] = t
         del wc, qc, deq
-    q = QuantizedWeight(plan.scheme, qdata.cpu(), scale.cpu(), None if dual is None else dual.cpu())
+    store = {sfx: t.cpu() for sfx, t in store.items()}
+    q = QuantizedWeight(plan.scheme, store["weight"], store["weight_scale"], store.get("weight_dual_scale"))
     rep = LayerReport(
         name=plan.orig_name, scheme=plan.scheme, rule=plan.rule, out_features=n, in_features=k,
         smoothing=smoothing_desc, weight_sqnr_db=wacc.db,
@@ -435,28 +387,10 @@ def quantize_layer(
     return LayerOutput(q, None if mul_scale is None else mul_scale.cpu(), rep)
 
 
-# ============================================================================ export writer
-@dataclass
-class Entry:
-    name: str
-    label: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    produce: Callable[[], torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= int(s)
-        return n * self.dtype.itemsize
-
-
-def _model_quant_type(schemes) -> str:
-    return max(schemes, key=QUANT_TYPE_PRIORITY.index)
-
-
+# ============================================================================ one expert: quantize and write
 class _ExpertWriter:
+    """Quantizes an expert's layers as the writer (:mod:`mxdit.loader.export`) asks for their tensors."""
+
     def __init__(self, plan: ExpertPlan, out_dir: str, opts: QuantizeOptions, smooth_mode: str,
                  stats: Optional[dict[str, LayerActStats]], recipe: Recipe, source: str):
         self.plan = plan
@@ -470,7 +404,6 @@ class _ExpertWriter:
         self.reports: list[LayerReport] = []
         self._cache: dict[str, LayerOutput] = {}
         self._remaining: dict[str, int] = {}
-        self.bar = None
 
     # ---- names
     def out_name(self, model_name: str) -> str:
@@ -502,24 +435,10 @@ class _ExpertWriter:
         return out
 
     def _take(self, lp: LayerPlan, what: str) -> torch.Tensor:
+        """One tensor of a quantized layer (a record suffix, or "mul_scale"), in parameter shape;
+        the layer's result is dropped once all its tensors are taken."""
         out = self._layer(lp)
-        q = out.quantized
-        if what == "mul_scale":
-            t = out.mul_scale
-        elif what == "weight":
-            t = q.qdata
-            if SCHEME_FORMAT[lp.scheme] == "fp4_e2m1" and self.opts.fp4_container == "fp8":
-                from mxdit.formats import fp4_to_fp8_container
-
-                t = fp4_to_fp8_container(t)
-        elif what == "weight_scale":
-            t = q.scale
-        elif what == "weight_dual_scale":
-            t = q.dual_scale.unsqueeze(-1)
-        elif what == "weight_offset":
-            t = torch.zeros_like(q.scale)
-        else:
-            raise AssertionError(what)
+        t = out.mul_scale if what == "mul_scale" else out.quantized.tensors()[what]
         self._remaining[lp.model_name] -= 1
         if self._remaining[lp.model_name] == 0:
             del self._cache[lp.model_name]
@@ -549,43 +468,20 @@ class _ExpertWriter:
             if lp is None:
                 ents.append(Entry(self.out_name(pname), "FLOAT", info.dtype, tuple(info.shape), read(cname)))
                 continue
-            base = self.out_name(mod)
-            # msmodelslim's NonFusionSmoothQuantWrapper names (<L>.div.mul_scale, <L>.linear.*); the
-            # diffusers layout strips the wrappers, as mxdit repack does
-            wrap = smoothed and layout != "diffusers"
-            pre = base + ".linear" if wrap else base
-            ms_name = base + (".div.mul_scale" if wrap else ".mul_scale")
-            n, k = lp.out_features, lp.in_features
+            if attr not in ("weight", "bias"):  # pragma: no cover - linears have weight and bias only
+                ents.append(Entry(self.out_name(pname), "FLOAT", info.dtype, tuple(info.shape), read(cname)))
+                continue
+            mine, bias = quantized_layer_entries(
+                self.out_name(mod), lp.scheme, lp.out_features, lp.in_features,
+                lambda what, lp=lp: self._take(lp, what), layout=layout, smoothed=smoothed,
+                fp4_container=self.opts.fp4_container,
+                read_bias=read(cname, torch.float32) if attr == "bias" else None,
+            )
             if attr == "weight":
-                fp4 = SCHEME_FORMAT[lp.scheme] == "fp4_e2m1"
-                mine = []
-                if smoothed:
-                    mine.append(Entry(ms_name, "FLOAT", torch.float32, (k,),
-                                      lambda lp=lp: self._take(lp, "mul_scale")))
-                int4 = SCHEME_FORMAT[lp.scheme] == "int4"
-                if int4:
-                    wdt, wsh = torch.int8, (n, k)
-                elif fp4 and self.opts.fp4_container == "uint8":
-                    wdt, wsh = torch.uint8, (n, k // 2)
-                else:
-                    wdt, wsh = torch.float8_e4m3fn, (n, k)
-                mine.append(Entry(pre + ".weight", lp.scheme, wdt, wsh, lambda lp=lp: self._take(lp, "weight")))
-                sdt, ssh = (torch.float32, (n, 1)) if int4 else (torch.uint8, (n, k // 32))
-                mine.append(Entry(pre + ".weight_scale", lp.scheme, sdt, ssh,
-                                  lambda lp=lp: self._take(lp, "weight_scale")))
-                if int4:  # msmodelslim writes the (zero, symmetric) offset too
-                    mine.append(Entry(pre + ".weight_offset", lp.scheme, torch.float32, (n, 1),
-                                      lambda lp=lp: self._take(lp, "weight_offset")))
-                if lp.scheme == "W4A4_MXFP4_DUALSCALE":
-                    mine.append(Entry(pre + ".weight_dual_scale", lp.scheme, torch.float32, (n, k // 512, 1),
-                                      lambda lp=lp: self._take(lp, "weight_dual_scale")))
                 self._remaining[lp.model_name] = len(mine)
                 ents.extend(mine)
-            elif attr == "bias":
-                label = lp.scheme if (layout == "ascendv1" and lp.scheme == "W4A4_MXFP4_DUALSCALE") else "FLOAT"
-                ents.append(Entry(pre + ".bias", label, torch.float32, tuple(info.shape), read(cname, torch.float32)))
-            else:  # pragma: no cover - linears have weight and bias only
-                ents.append(Entry(self.out_name(pname), "FLOAT", info.dtype, tuple(info.shape), read(cname)))
+            else:
+                ents.append(bias)
         ents.extend(self._rotation_entries())
         return ents
 
@@ -622,122 +518,29 @@ class _ExpertWriter:
         return {f"{self._attn_name(m)}.quant_type": v for m, v in att.quant_type.items() if v is not None}
 
     # ---- files
-    def _shards(self, ents: list[Entry]) -> list[tuple[str, list[Entry]]]:
-        layout = self.opts.layout
-        max_size = int(self.opts.shard_size_gb * GB)
-        if layout == "mindie":
-            t = _model_quant_type({lp.scheme for lp in self.plan.layers.values()}).lower()
-            return [(f"quant_model_weight_{t}.safetensors", ents)]
-        groups: list[list[Entry]] = []
-        if max_size > 0:
-            cur: list[Entry] = []
-            size = 0
-            for e in ents:
-                if cur and size + e.nbytes >= max_size:
-                    groups.append(cur)
-                    cur, size = [], 0
-                cur.append(e)
-                size += e.nbytes
-            if cur:
-                groups.append(cur)
-        stem = ASCENDV1_WEIGHTS if layout == "ascendv1" else DIFFUSERS_WEIGHTS
-        if not groups or (layout == "diffusers" and len(groups) == 1):
-            return [(f"{stem}.safetensors", ents)]
-        n = len(groups)
-        return [(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
-
     def write(self) -> ExpertResult:
-        from mxdit.loader.safetensors_io import SafetensorsFile, write_safetensors
-
         ents = self.entries()
-        names = [e.name for e in ents]
-        if len(set(names)) != len(names):  # pragma: no cover - internal invariant
-            raise RuntimeError("internal: duplicate output tensor names")
-        shards = self._shards(ents)
-        os.makedirs(self.out_dir, exist_ok=True)
         try:
             from tqdm.auto import tqdm
         except ImportError:  # pragma: no cover
             tqdm = None
-        desc = f"quantizing {self.plan.title}"
-        self.bar = None if tqdm is None else tqdm(total=len(ents), desc=desc, unit="tensor",
-                                                  disable=not self.opts.progress, leave=False)
-
-        def counted(e: Entry):
-            def produce():
-                t = e.produce()
-                if self.bar is not None:
-                    self.bar.update(1)
-                return t
-            return (e.name, e.dtype, e.shape, produce)
-
-        files = []
+        bar = None if tqdm is None else tqdm(total=len(ents), desc=f"quantizing {self.plan.title}", unit="tensor",
+                                             disable=not self.opts.progress, leave=False)
         try:
-            for fname, group in shards:
-                path = os.path.join(self.out_dir, fname)
-                write_safetensors(path, [counted(e) for e in group], metadata={"format": "pt"})
-                files.append(path)
+            desc_path, files, mqt = write_export(
+                self.out_dir, ents, layout=self.opts.layout, schemes={lp.scheme for lp in self.plan.layers.values()},
+                shard_size_gb=self.opts.shard_size_gb, descriptions=self._attention_descriptions(),
+                on_tensor=None if bar is None else (lambda: bar.update(1)),
+            )
         finally:
-            if self.bar is not None:
-                self.bar.close()
+            if bar is not None:
+                bar.close()
             self.plan.ckpt.files.close()
-        if len(shards) > 1:
-            stem = ASCENDV1_WEIGHTS if self.opts.layout == "ascendv1" else DIFFUSERS_WEIGHTS
-            index = {"metadata": {"total_size": sum(e.nbytes for e in ents)},
-                     "weight_map": {e.name: fname for fname, g in shards for e in g}}
-            with open(os.path.join(self.out_dir, f"{stem}.safetensors.index.json"), "w", encoding="utf-8") as f:
-                json.dump(index, f, indent=2)
-        # every planned tensor exactly once, as planned
-        seen: dict[str, Any] = {}
-        for p in files:
-            sf = SafetensorsFile(p)
-            for k, info in sf.tensors.items():
-                if k in seen:
-                    raise RuntimeError(f"internal: tensor '{k}' written twice")
-                seen[k] = info
-        if sorted(seen) != sorted(names):
-            raise RuntimeError("internal: the written files do not hold exactly the planned tensors")
-
-        mqt = _model_quant_type({lp.scheme for lp in self.plan.layers.values()})
-        labels = {e.name: e.label for e in ents}
-        labels.update(self._attention_descriptions())
-        if self.opts.layout == "mindie":
-            desc_name = f"quant_model_description_{mqt.lower()}.json"
-            description = {**labels, "model_quant_type": mqt}
-        else:
-            desc_name = ASCENDV1_DESC
-            description = {**labels, "version": "1.0.0", "model_quant_type": mqt, "metadata": {},
-                           "group_size": 32, "optional": {}}
-        desc_path = os.path.join(self.out_dir, desc_name)
-        with open(desc_path, "w", encoding="utf-8") as f:
-            json.dump(description, f, indent=2)
-        self._write_config()
+        write_config(self.out_dir, self.plan.src_dir, self.plan.ckpt.config, self.opts.layout)
         order = {lp.orig_name: i for i, lp in enumerate(self.plan.layers.values())}
         self.reports.sort(key=lambda r: order[r.name])
         report_files = write_report(self.out_dir, self._report_meta(), self.reports, plot=self.opts.report_plot)
         return ExpertResult(self.plan.title, self.out_dir, desc_path, files, len(ents), mqt, self.reports, report_files)
-
-    def _write_config(self) -> None:
-        cfg = self.plan.ckpt.config
-        src_cfg = os.path.join(self.plan.src_dir, "config.json")
-        src = None
-        if os.path.isfile(src_cfg):
-            with open(src_cfg, encoding="utf-8") as f:
-                src = json.load(f)
-        dst = os.path.join(self.out_dir, "config.json")
-        if self.opts.layout == "diffusers":
-            if src is not None and "num_attention_heads" in src:
-                shutil.copy2(src_cfg, dst)
-                return
-            data = {"_class_name": "WanTransformer3DModel", **cfg.to_dict()}
-        else:
-            if src is not None and "dim" in src and "num_attention_heads" not in src:
-                shutil.copy2(src_cfg, dst)
-                return
-            mt = "i2v" if cfg.in_channels == 36 else ("ti2v" if cfg.in_channels == 48 else "t2v")
-            data = cfg.to_original_dict(mt)
-        with open(dst, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
 
     def _report_meta(self) -> ReportMeta:
         if self.smooth_mode == "none":

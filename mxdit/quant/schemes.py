@@ -288,8 +288,7 @@ SCHEMES: tuple[Scheme, ...] = (
         online=None, label="W4A4_DYNAMIC", method=Int4LinearMethod, fmt="int4", k_multiple=8,
         label_aliases=("int4",), exportable=True, default_rule="minmax",
         weights="int4 held in int8, fp32 scale per output channel (symmetric)",
-        activations="per token, dynamic int4 (`npu_dynamic_quant(dst_type=quint4x2)`: scale = rowMax(abs(x)) / 7, "
-                    "round half to even)", bits_per_weight=None,
+        activations="per token, dynamic int4 (scale = rowMax(abs(x)) / 7, round half to even)", bits_per_weight=None,
         tensors={"weight": TensorSpec(torch.int8, ("N", "K"), loader=int4_weight_loader),
                  "weight_scale": _INT_COLUMN,
                  "weight_offset": TensorSpec(torch.float32, ("N", 1), accepts=(("N",),), missing_init="zeros")},

@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    from mxdit.kernels.triton import backend as B
+    from mxdit.kernels.triton import configs as B
     from mxdit.kernels.triton import kernels as K
 
     ap = argparse.ArgumentParser()

@@ -1,113 +1,69 @@
-"""TritonBackend: the KernelBackend for NVIDIA GPUs (see the package docstring)."""
+"""TritonBackend: the KernelBackend for NVIDIA GPUs (options: the class docstring).
+
+Launch configurations: :mod:`.configs`; prepared weights and the dual-level expansion:
+:mod:`.weights`; the kernels: :mod:`.kernels`.
+
+What is verified, and what is not
+---------------------------------
+There was **no GPU** for this work.
+
+* Verified in the Triton 3.9 interpreter on CPU (tests/test_triton_backend.py):
+  quantization bit-exact against ``mxdit.formats`` (scale bytes, L0 bits,
+  codes; fp32 / bf16 / fp16; zero, -0, fp32-subnormal, 2^-126, NaN, +-Inf, huge,
+  saturating, rceil-boundary and exact-tie blocks; ragged M 1 / 3 / 17 and K at
+  tile edges); every GEMM path (explicit and ``tl.dot_scaled`` MX, both weight
+  modes, dual-level with and without promotion, FP8 per-channel Triton GEMM)
+  against the reference backend within fp32 accumulation-order error (ragged
+  M, N, K; bias; fp32 / bf16 output); the dual-level exactness boundary
+  (L1 = 119 exact) and the measured error below it; QuantLinear /
+  quantize_module end to end.  The interpreter computes ``tl.dot`` in exact
+  fp32 (numpy), so promotion cannot change anything there.
+* Verified by compiling for sm_90a without a GPU (``python -m
+  mxdit.kernels.triton.aot_check``: Triton 3.9 + its bundled ptxas, launch-like
+  specialization): every kernel and autotune config compiles; the GEMMs use
+  ``wgmma`` with cp.async multi-stage pipelining and, in the default promoted
+  mode, do not spill (16 bytes in one dual config; the non-promoted dual
+  variants with fp4 weights spill up to ~0.5 KB); the quantizers use 16-byte
+  vector loads and IEEE ``div.rn.f32``; the hardware ``cvt.rn.satfinite.e4m3x2``
+  appears where intended; ``tl.dot_scaled`` lowers to ``tcgen05.mma`` for
+  sm_100a.  (Without the launch-time divisibility specialization the same
+  kernels compile unpipelined: a real launch specializes 16-divisible sizes.)
+* **Not verified**: anything that needs a GPU -- speed (no number in this
+  package is a measurement of these kernels), the autotune choices, Hopper's
+  FP8 accumulation error with / without promotion (benchmarks/bench_gpu.py
+  prints it), the GPU-only code paths (``HW_CVT=True`` conversions, bf16
+  hardware output cast, ``torch._scaled_mm``), the Triton 3.6 of the H200 image
+  (this was developed against 3.9), and bench_gpu.py itself beyond a CPU
+  ``--smoke`` run of its code paths.  Run bench_gpu.py first on a GPU: it also
+  re-checks bit-exactness and the GEMMs against the references there.
+
+Reference quirk (not this backend's): for bf16 input with ``round_mode="rint"``
+the reference writes 0xFF (negative NaN) FP8 codes into NaN-scale blocks on the
+vectorized CPU path (``recip.to(bfloat16)`` of NaN is 0xFFFF) and 0x7F on the
+scalar path; this backend always writes 0x7F.  Both are NaN codes; the tests
+compare such blocks as "all NaN".  Also, torch on CUDA divides a tensor by the
+Python scalar 448 as a reciprocal multiply, so the reference per-token FP8 scale
+(``amax / 448``) differs by an ulp between CPU and GPU; the kernel divides (CPU).
+"""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 import triton
 
 from mxdit import formats as F
-from mxdit.formats.e8m0 import e8m0_to_float
-from mxdit.formats.elements import FP4_E2M1, FP8_E4M3, check_round_mode, decode_elements
+from mxdit.formats.elements import FP4_E2M1, FP8_E4M3, check_round_mode
 from mxdit.formats.mx import _check_input
 from mxdit.kernels.base import KernelBackend
 from mxdit.kernels.triton import kernels as K
-
-#: L1 bytes (relative to the group's largest, normalized to 127) from which an
-#: FP4 value times its L1 scale is exactly an E4M3 value: {0.5..6} * 2^-8 >= 2^-9.
-DUAL_EXACT_MIN_L1 = 119
+from mxdit.kernels.triton.configs import _env, _launch, interpreting
+from mxdit.kernels.triton.weights import (
+    TritonDualWeight, TritonFP8Weight, TritonMXWeight, expand_dual_to_e4m3, normalize_dual_scales,
+)
 
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ROUND = {"rint": 0, "round": 1, "floor": 2}
-
-
-def interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _env(name: str, default: str, valid: tuple[str, ...]) -> str:
-    v = os.environ.get(name, default).strip().lower()
-    if v not in valid:
-        raise ValueError(f"{name}={v!r}; valid: {list(valid)}")
-    return v
-
-
-# ----------------------------------------------------------------------------- configs
-def _cfg(bm, bn, bk, warps, stages, gm=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}, num_warps=warps, num_stages=stages)
-
-
-# H100/H200 (sm_90: 228 KB shared memory, 255 registers per thread).  Chosen from
-# ptxas reports of AOT compiles for sm_90a with launch-time specialization
-# (16-divisible sizes/strides; M = 32760 not): all are pipelined (cp.async,
-# num_stages buffers) and use wgmma; none spills.  The explicit MX GEMM and the
-# promoted dual/FP8 GEMMs keep two fp32 tiles live (the accumulator and the
-# fresh tensor-core partial), so an output tile is 64x256 / 128x128 with 8 warps
-# (64 + 64 registers per thread); 128x256 spills.  The explicit MX GEMM takes one
-# 32-wide K chunk per iteration (BLOCK_K=32): unrolling 4 chunks kept 4 async
-# partials alive and spilled 1.4 KB per thread.
-_MX_EXPLICIT_CONFIGS = [  # 190-235 registers, 0 spills
-    _cfg(64, 256, 32, 8, 4), _cfg(64, 256, 32, 8, 6), _cfg(64, 128, 32, 4, 4), _cfg(128, 64, 32, 4, 4),
-    _cfg(64, 128, 32, 4, 6),
-]
-_MX_DOT_SCALED_CONFIGS = [  # capability >= 10 (tcgen05 block-scaled MMA; 154-178 registers, 0 spills on sm_100a)
-    _cfg(128, 128, 128, 4, 4), _cfg(128, 256, 128, 8, 3), _cfg(128, 128, 256, 8, 3), _cfg(128, 128, 128, 4, 3),
-]
-_DUAL_CONFIGS = [  # BLOCK_K <= 128 is also the promotion interval.  Promoted: 216-255 registers, 0 spills
-    # (16 B at 128x128x64 with fp8 weights); not promoted with fp4 weights: <= 492 B spills
-    _cfg(64, 256, 128, 8, 3), _cfg(64, 256, 128, 8, 4), _cfg(64, 256, 64, 8, 4), _cfg(128, 128, 64, 8, 4),
-]
-_FP8_CONFIGS = [  # 210-232 registers, 0 spills (promoted)
-    _cfg(128, 128, 128, 8, 4), _cfg(64, 256, 128, 8, 4), _cfg(128, 128, 128, 8, 3), _cfg(64, 256, 128, 8, 3),
-]
-_QUANT_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w)
-    for bm, bk, w in ((8, 256, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8), (4, 512, 4))
-]
-_DUAL_QUANT_CONFIGS = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in ((2, 4), (4, 4), (8, 8), (16, 8))]
-
-# One small deterministic config each under the interpreter (BLOCK_K=64 makes
-# K=96 a ragged tile edge; 128 gives four promotion chunks per 512-group).
-_SMALL = {
-    "mx": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2),  # two 32-chunks per iteration: exercises the chunk loop
-    "dual": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=2),
-    "fp8": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2),
-    "quant": dict(BLOCK_M=32, BLOCK_K=64),
-    "dual_quant": dict(BLOCK_M=32),
-    "fp8_quant": dict(BLOCK_K=128),
-}
-
-_TUNED: dict[str, Any] = {}
-
-
-def _tuned(name: str) -> Any:
-    if name not in _TUNED:
-        table = {
-            # keys include the constexpr variants: each gets its own tuned config
-            "mx": (K.mx_matmul_kernel, _MX_EXPLICIT_CONFIGS, ["M", "N", "K", "A_FP4", "B_FP4"]),
-            "mx_ds": (K.mx_matmul_kernel, _MX_DOT_SCALED_CONFIGS, ["M", "N", "K", "A_FP4", "B_FP4"]),
-            "dual": (K.dual_matmul_kernel, _DUAL_CONFIGS, ["M", "N", "K", "B_FP4", "PROMOTE"]),
-            "fp8": (K.fp8_rowwise_matmul_kernel, _FP8_CONFIGS, ["M", "N", "K", "PROMOTE"]),
-            "quant": (K.mx_quant_kernel, _QUANT_CONFIGS, ["K", "IN_KIND", "IS_FP4", "OUT_E4M3"]),
-            "dual_quant": (K.dual_quant_kernel, _DUAL_QUANT_CONFIGS, ["K", "IN_KIND", "OUT_E4M3"]),
-        }
-        fn, configs, key = table[name]
-        _TUNED[name] = triton.autotune(configs=configs, key=key)(fn)
-    return _TUNED[name]
-
-
-def _launch(name: str, raw, grid: Callable[[dict], tuple], *args, **kwargs) -> None:
-    """Interpreter: the raw kernel with the one small config.  GPU: the autotuned one."""
-    if interpreting():
-        meta = _SMALL[name if name != "mx_ds" else "mx"]
-        raw[grid(meta)](*args, **kwargs, **meta)
-    elif name == "fp8_quant":
-        raw[grid({"BLOCK_K": 2048})](*args, **kwargs, BLOCK_K=2048, num_warps=8)
-    else:
-        _tuned(name)[grid](*args, **kwargs)
 
 
 def _kernel_input(x: torch.Tensor) -> tuple[int, torch.Tensor]:
@@ -124,121 +80,6 @@ def _out_view(out: torch.Tensor) -> torch.Tensor:
 
 def _f32_bits(v: float) -> int:
     return int(torch.tensor(v, dtype=torch.float32).view(torch.int32).item())
-
-
-# ----------------------------------------------------------------------------- prepared weights
-@dataclass
-class TritonMXWeight:
-    """MX weight for the kernels: ``data`` E4M3 bytes [N, K] (MXFP8, or MXFP4
-    expanded once to E4M3 values) or packed FP4 [N, K/2] (``packed``); ``scale``
-    E8M0 [N, K/32].  ``ref`` is the canonical tensor (reference fallback)."""
-
-    ref: F.MXTensor
-    data: Optional[torch.Tensor]
-    scale: Optional[torch.Tensor]
-    packed: bool = False
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.ref.shape
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.data is None else self.data.numel() + self.scale.numel()
-
-
-@dataclass
-class TritonDualWeight:
-    """Dual-level weight for the FP8 GEMM.
-
-    The L1 bytes are normalized per 512-group so that the largest finite one is
-    127 (the factor 2^(max-127) moves into L0 exactly); ``l0`` is NaN for groups
-    holding an L1 = 0xFF block.  ``mode="fp8"``: ``data`` is E4M3(fp4 * 2^(L1-127))
-    [N, K] (expanded once); ``mode="fp4"``: ``data`` is the packed FP4 [N, K/2] and
-    ``l1`` the normalized bytes, expanded per tile in the kernel.  Both modes give
-    the same E4M3 operand (round half to even where a block's L1 < 119)."""
-
-    ref: F.DualMXTensor
-    mode: str
-    data: Optional[torch.Tensor]
-    l1: Optional[torch.Tensor]
-    l0: Optional[torch.Tensor]
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.ref.shape
-
-    @property
-    def nbytes(self) -> int:
-        if self.data is None:
-            return 0
-        return self.data.numel() + (0 if self.l1 is None else self.l1.numel()) + 4 * self.l0.numel()
-
-
-@dataclass
-class TritonFP8Weight:
-    w: torch.Tensor  # float8_e4m3fn [N, K]
-    scale: torch.Tensor  # float32 [N]
-
-
-def normalize_dual_scales(w: F.DualMXTensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(l1n uint8 [N, K/32], l0n float32 [N, K/512], ok): L1 shifted so each group's
-    largest finite byte is 127 and L0 multiplied by the same power of two (exact);
-    groups with an L1 = 0xFF block get L0 = NaN (their bytes become 0).  ``ok`` is
-    False if a group cannot be normalized exactly and would overflow E4M3."""
-    n, k = w.shape
-    g = k // F.L0_BLOCK
-    l1 = w.scale_l1.reshape(n, g, 16).to(torch.int32)
-    finite = l1 != 255
-    gmax = torch.where(finite, l1, 0).amax(-1)
-    shift = torch.where(gmax > 0, gmax - 127, torch.zeros_like(gmax))
-    pow2 = ((shift + 127) << 23).view(torch.float32)  # 2^shift exactly, shift in [-126, 127]
-    l0 = w.scale_l0.to(torch.float32)
-    l0n = l0 * pow2
-    exact = (l0n / pow2 == l0) | ~torch.isfinite(l0)
-    shift = torch.where(exact, shift, torch.zeros_like(shift))
-    l0n = torch.where(exact, l0n, l0)
-    ok = bool(((gmax - shift) <= 127 + 6).all())  # 6 * 2^6 = 384 still fits E4M3
-    l1n = torch.where(finite, (l1 - shift.unsqueeze(-1)).clamp(0, 254), torch.zeros_like(l1))
-    l0n = torch.where(finite.all(-1), l0n, torch.full_like(l0n, float("nan")))
-    return l1n.reshape(n, k // 32).to(torch.uint8), l0n.contiguous(), ok
-
-
-def expand_dual_to_e4m3(codes: torch.Tensor, l1: torch.Tensor) -> torch.Tensor:
-    """E4M3 (float8_e4m3fn) of fp4(codes) * 2^(l1-127): torch's RNE cast of the exact
-    fp32 product.  codes uint8 [..., K], l1 uint8 [..., K/32]."""
-    v = decode_elements(codes, FP4_E2M1)
-    kdim = v.shape[-1]
-    v = v.reshape(*v.shape[:-1], kdim // 32, 32) * e8m0_to_float(l1).unsqueeze(-1)
-    return v.reshape(*v.shape[:-2], kdim).to(torch.float8_e4m3fn)
-
-
-def dual_expansion_stats(w: F.DualMXTensor) -> dict:
-    """How exact the E4M3 expansion of a dual-level tensor is (weights or activations):
-    blocks whose normalized L1 < 119 and hold a non-zero value, elements whose
-    E4M3 value differs from fp4 * 2^(L1-127), and the relative L2 error of the
-    expanded tensor against the exact one (L0 factors omitted)."""
-    l1n, _, _ = normalize_dual_scales(w)
-    codes = w.codes()
-    exact = decode_elements(codes, FP4_E2M1)
-    shp = exact.shape
-    exact = (exact.reshape(*shp[:-1], shp[-1] // 32, 32) * e8m0_to_float(l1n).unsqueeze(-1)).reshape(shp)
-    finite_blk = (w.scale_l1 != 255).repeat_interleave(32, dim=-1)
-    exact = torch.where(finite_blk, exact, torch.zeros_like(exact))
-    expanded = expand_dual_to_e4m3(codes, l1n).to(torch.float32)
-    nz_blk = (codes.reshape(*shp[:-1], shp[-1] // 32, 32) & 7).amax(-1) > 0
-    low = (l1n < DUAL_EXACT_MIN_L1) & nz_blk & (w.scale_l1 != 255)
-    diff = expanded != exact
-    return {
-        "blocks": int(l1n.numel()),
-        "blocks_below_119": int(low.sum()),
-        "groups_all_ge_119": int((~low.reshape(*shp[:-1], -1, 16).any(-1)).sum()),
-        "groups": int(l1n.numel() // 16),
-        "elements_changed": int(diff.sum()),
-        "elements_nonzero": int((exact != 0).sum()),
-        "rel_l2_error": float((expanded - exact).norm() / exact.norm().clamp_min(1e-30)),
-        "max_abs_error": float((expanded - exact).abs().max()) if exact.numel() else 0.0,
-    }
 
 
 # ----------------------------------------------------------------------------- backend

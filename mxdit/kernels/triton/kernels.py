@@ -25,6 +25,54 @@ Conventions shared by all kernels
 * The interpreter's fp8 ``tl.dot`` decodes the NaN code 0x7F as 480, so NaN
   never travels through fp8 operands here: NaN blocks are carried by their
   scales (E8M0 0xFF -> NaN factor; dual-level groups -> NaN L0).
+
+What each kernel does
+---------------------
+**Activation quantization**, one pass over the tensor (tile of rows x K):
+``mx_quant_kernel`` (MXFP8 E4M3/E5M2, MXFP4 packed with the even index in the low
+nibble, or MXFP4 written straight as E4M3 bytes for the GEMM), ``dual_quant_kernel``
+(dual-level MXFP4, canonical or GEMM-ready), ``fp8_rowwise_quant_kernel`` (the
+"fp8" method's per-token E4M3).  Bit-exact with ``mxdit.formats.quantize_mx`` /
+``quantize_mx_dual`` / ``quantize_fp8_per_token``: floor and rceil scales from
+the fp32 exponent bits, rint / round / floor element rounding and saturation by
+integer arithmetic on the fp32 bits (no float log2, no float casts), NaN/Inf
+blocks -> 0xFF, byte 0 = 2^-127, the dual-level L0 = fp32(amax) * fp32(1/6)
+flushed below 2^-126, temp = IEEE fp32(x) / L0 (``div_rn``) rounded half-even to
+the input dtype, L1 from temp's exponent field.  Optional smoothing
+(``x * smooth_scale`` rounded in x's dtype) is fused.
+
+**MXFP8 / single-level MXFP4 GEMM** (``mx_matmul_kernel``).  Hopper (and the
+interpreter): FP8 tensor-core tiles with the per-32 scales applied in the loop:
+for each 32-wide K chunk, ``acc += (dot(a, b) * 2^(sa-127)[:, None]) * 2^(sb-127)[None, :]``
+(fresh accumulator per chunk, exact power-of-two scalings, fp32 accumulation).
+FP4 operands are FP4 values, which are E4M3 values: activations are quantized
+straight to E4M3 bytes; weights are packed FP4 expanded per tile
+(``mxfp4_weight="fp4"``) or expanded once at load (``"fp8"``).  Capability >= 10:
+``tl.dot_scaled`` with the E8M0 scales (native MX MMA; packed e2m1 operands).
+Not used on Hopper, where Triton emulates it by upcasting to bf16 and, up to
+Triton 3.8, decodes E8M0 byte 0 as 0 and 255 as Inf (mx-numerics.md §7; the
+H200 image has Triton 3.6).  Predicted cost on Hopper (not measured): the
+rescale is 2 fp32 operations per output per 32 of K on the CUDA cores, about as
+long as the FP8 MMA itself, so expect BF16-like, not FP8-like, throughput.
+
+**FP8 per-channel** ("fp8" method): ``torch._scaled_mm`` with row-wise scales on
+capability >= 8.9 when the output is bf16 and there is no bias (its epilogue
+would round an fp32 bias to bf16), else ``fp8_rowwise_matmul_kernel`` (fp32
+bias, any output dtype, same promotion option).
+
+Interpreter limitations met (Triton 3.9), and how the kernels deal with them
+* fp32 -> fp8 ``.to()`` is not IEEE: it rounds half up on the first dropped
+  bit, does not saturate, mishandles subnormal results and NaN/Inf; fp32 ->
+  bf16 likewise (and a mantissa carry can be lost).  Every narrowing that must
+  be exact is integer arithmetic (``HW_CVT=False`` in the interpreter); on a GPU
+  two of them use the hardware ``cvt.rn`` conversions, which are RNE by
+  definition (PTX), selectable off with ``MXDIT_TRITON_HW_CVT=0``.
+* fp8 ``tl.dot`` decodes the E4M3 NaN code 0x7F as +-480: NaN travels in the
+  scales (0xFF E8M0 -> NaN factor; NaN L0), never in FP8 operands.
+* A scalar-valued mask (``mask & (k < K)``) raises "mask has unsupported
+  dtype": masks are built as vectors.
+* ``num_stages``, ``num_warps``, ``max_num_imprecise_acc`` and autotuning are
+  ignored / unused.
 """
 from __future__ import annotations
 

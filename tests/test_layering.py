@@ -37,6 +37,13 @@ def _imports(path: Path, module: str):
                 yield ".".join(base + ([node.module] if node.module else [])), node.lineno
             elif node.module:
                 yield node.module, node.lineno
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            # importlib.import_module("mxdit.x") / __import__("mxdit.x"): dynamic imports count too
+            f = node.func
+            fname = f.attr if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            if fname in ("import_module", "__import__"):
+                yield node.args[0].value, node.lineno
 
 
 def _modules():
@@ -80,6 +87,18 @@ def test_imports_follow_the_layer_order():
 def test_the_checker_sees_a_violation(tmp_path):
     """The parser finds module-level, lazy and relative imports (so the rule above can fail)."""
     src = tmp_path / "x.py"
-    src.write_text("import mxdit.tools.generate\n\ndef f():\n    from mxdit.serve import app\n    from . import y\n")
+    src.write_text("import mxdit.tools.generate\n\ndef f():\n    from mxdit.serve import app\n    from . import y\n"
+                   "    import importlib\n    importlib.import_module('mxdit.loader')\n")
     found = [t for t, _ in _imports(src, "mxdit.formats.x")]
-    assert found == ["mxdit.tools.generate", "mxdit.serve", "mxdit.formats"]
+    assert found == ["mxdit.tools.generate", "mxdit.serve", "mxdit.formats", "importlib", "mxdit.loader"]
+
+
+def test_tools_take_usage_error_from_mxdit_errors():
+    """The tools import UsageError from mxdit.errors, never back from the CLI that runs them."""
+    bad = []
+    for path, module in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "mxdit.cli" \
+                    and any(a.name == "UsageError" for a in node.names):
+                bad.append(f"{module}:{node.lineno}")
+    assert not bad, f"UsageError imported from mxdit.cli (use mxdit.errors): {bad}"

@@ -42,12 +42,8 @@ class QuantizedLinearMethod(LinearMethod):
                  backend: Optional[str] = None, smooth_in_quant: bool = False):
         F.elements.check_round_mode(act_round_mode)
         #: the scheme's record (:class:`mxdit.quant.schemes.Scheme`): names, tensors, K multiple
-        self.scheme = scheme
-        self.online = online
-        self.smoothed = smoothed
-        self.act_round_mode = act_round_mode
-        self.backend_name = backend
-        self.smooth_in_quant = smooth_in_quant
+        self.scheme, self.online, self.smoothed = scheme, online, smoothed
+        self.act_round_mode, self.backend_name, self.smooth_in_quant = act_round_mode, backend, smooth_in_quant
         self.name = scheme.name if online or not scheme.online else scheme.online + "(modelslim)"
 
     @property

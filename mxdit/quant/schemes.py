@@ -199,7 +199,8 @@ class Scheme:
     #: bf16 [M, K] -> dequantized fp32 activations as the runtime quantizes them (None: needs the layer's scales)
     act_quant: Optional[Callable[[torch.Tensor], torch.Tensor]]
     aliases: tuple[str, ...] = ()  # online-name aliases (SGLang's "mxfp4_npu")
-    label_aliases: tuple[str, ...] = ()  # recipe spellings of the label (case-insensitive)
+    #: recipe spellings of the label (case-insensitive); the first also names the built-in recipe all-<it>
+    label_aliases: tuple[str, ...] = ()
     block: Optional[int] = None  # elements per scale (MX: 32)
     l0_block: Optional[int] = None  # dual-level: elements per L0 scale (512)
     k_multiple: int = 1

@@ -64,10 +64,8 @@ from mxdit.quant.schemes import EXPORTABLE, FLOAT, canonical_label
 SCHEMES = (*EXPORTABLE, FLOAT)
 
 BUILTIN_RECIPES: dict[str, str] = {
-    "all-mxfp8": "blocks.* W8A8_MXFP8\n",
-    "all-mxfp4": "blocks.* W4A4_MXFP4\n",
-    "all-mxfp4-dual": "blocks.* W4A4_MXFP4_DUALSCALE\n",
-    "all-int4": "blocks.* W4A4_DYNAMIC\n",
+    # one per exportable scheme record: all-mxfp8, all-mxfp4, all-mxfp4-dual, all-int4
+    **{f"all-{s.label_aliases[0].replace('_', '-')}": f"blocks.* {s.label}\n" for s in EXPORTABLE.values()},
     "msmodelslim-wan2.2": "blocks.[0-4].* W8A8_MXFP8\nblocks.* W4A4_MXFP4\n",
     # msmodelslim lab_practice/wan2_2/wan2_2_w8a8f8_mxfp_*.yaml: MXFP8 everywhere, quarot + FP8 FA3 on self-attn
     "msmodelslim-wan2.2-w8a8f8": (

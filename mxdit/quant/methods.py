@@ -163,16 +163,16 @@ class QuantizedLinearMethod(LinearMethod):
 
 
 class MXLinearMethod(QuantizedLinearMethod):
-    """W8A8 MXFP8 (fmt fp8_e4m3) or W4A4 single-level MXFP4 (fmt fp4_e2m1).
+    """W8A8 MXFP8 or W4A4 single-level MXFP4 (the scheme record's fmt: fp8_e4m3 / fp4_e2m1).
 
     online=True: BF16 weights are loaded and quantized once at load (floor
     scales and rint by default, as ``npu_dynamic_mx_quant``); online=False:
     msmodelslim storage is loaded as is (FP4 weights in either container).
     """
 
-    def __init__(self, scheme, *, fmt: str, scale_mode: str = "floor", weight_round_mode: str = "rint", **kw):
+    def __init__(self, scheme, *, scale_mode: str = "floor", weight_round_mode: str = "rint", **kw):
         super().__init__(scheme, **kw)
-        self.fmt = F.get_format(fmt).name
+        self.fmt = F.get_format(scheme.fmt).name
         self.scale_mode = scale_mode
         self.weight_round_mode = weight_round_mode
 
@@ -187,7 +187,7 @@ class MXLinearMethod(QuantizedLinearMethod):
         self.finish_common(layer)
 
     def prepare(self, layer, kernel):
-        return kernel.prepare_mx_weight(F.MXTensor(layer.weight.data, layer.weight_scale.data, self.fmt, 32))
+        return kernel.prepare_mx_weight(F.MXTensor(layer.weight.data, layer.weight_scale.data, self.fmt, self.scheme.block))
 
     def forward_2d(self, layer, kernel, x2d, smooth, out_dtype):
         return kernel.mx_linear(

@@ -180,7 +180,7 @@ def _per_token_act(fn) -> Callable[[torch.Tensor], torch.Tensor]:
 
 # ---- the record -------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Scheme:
     """One quantization scheme (see the module docstring)."""
 
@@ -234,14 +234,14 @@ _INT_COLUMN = TensorSpec(torch.float32, ("N", 1), accepts=(("N",),))
 SCHEMES: tuple[Scheme, ...] = (
     Scheme(
         online="mxfp8", label="W8A8_MXFP8", method=MXLinearMethod, fmt="fp8_e4m3", block=32, k_multiple=32,
-        method_kw={"fmt": "fp8_e4m3"}, online_options=("scale_mode",), exportable=True, default_rule="mse", label_aliases=("mxfp8",),
+        online_options=("scale_mode",), exportable=True, default_rule="mse", label_aliases=("mxfp8",),
         weights="MXFP8 E4M3, e8m0 scale per 32", activations="per token, MXFP8", bits_per_weight=8.25,
         tensors={"weight": TensorSpec(torch.float8_e4m3fn, ("N", "K")), "weight_scale": _MX_SCALE},
         act_quant=_mx_act("fp8_e4m3"),
     ),
     Scheme(
         online="mxfp4", label="W4A4_MXFP4", method=MXLinearMethod, fmt="fp4_e2m1", block=32, k_multiple=32,
-        method_kw={"fmt": "fp4_e2m1"}, online_options=("scale_mode",), exportable=True, default_rule="mse", label_aliases=("mxfp4",),
+        online_options=("scale_mode",), exportable=True, default_rule="mse", label_aliases=("mxfp4",),
         weights="MXFP4 E2M1, e8m0 scale per 32", activations="per token, MXFP4", bits_per_weight=4.25,
         tensors={"weight": _FP4_WEIGHT, "weight_scale": _MX_SCALE},
         act_quant=_mx_act("fp4_e2m1"),
@@ -258,7 +258,7 @@ SCHEMES: tuple[Scheme, ...] = (
                                                  doc="L0 scales; msmodelslim stores [N, K/512, 1]")},
         act_quant=_dual_act,
     ),
-    Scheme(
+    Scheme(  # online only: its tensors are the layer's after quantization at load
         online="fp8", label=None, method=FP8LinearMethod, fmt="fp8_e4m3",
         weights="FP8 E4M3, fp32 scale per output channel", activations="per token, dynamic", bits_per_weight=8.0,
         tensors={"weight": TensorSpec(torch.float8_e4m3fn, ("N", "K")),

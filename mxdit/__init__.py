@@ -10,7 +10,7 @@ def load_transformer(path, **kwargs):
 
 
 def quantize_module(module, method, **options):
-    """Online-quantize the linear layers of any module; see :func:`mxdit.quant.module.quantize_module`."""
-    from mxdit.quant.module import quantize_module as _qm
+    """Online-quantize the Wan block linears (default) of any module; see :func:`mxdit.layers.quantize.quantize_module`."""
+    from mxdit.layers.quantize import quantize_module as _qm
 
     return _qm(module, method, **options)

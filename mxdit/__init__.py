@@ -14,3 +14,10 @@ def quantize_module(module, method, **options):
     from mxdit.layers.quantize import quantize_module as _qm
 
     return _qm(module, method, **options)
+
+
+def save_quantized(model, directory, **kwargs):
+    """Write a quantized Wan transformer as a diffusers-layout directory; see :func:`mxdit.loader.save.save_quantized`."""
+    from mxdit.loader.save import save_quantized as _save
+
+    return _save(model, directory, **kwargs)

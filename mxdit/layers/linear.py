@@ -95,7 +95,7 @@ class QuantLinear(nn.Module):
             probe = fn(t.new_empty(0))  # what fn does to this dtype, without touching the data
             return fn(t) if probe.dtype == t.dtype else t.to(device=probe.device)
 
-        cast = fn(torch.empty(0, dtype=self.params_dtype, device="meta"))
+        cast = fn(torch.empty(0, dtype=self.params_dtype, device=self.weight.device))
         if cast.is_floating_point():
             self.params_dtype = cast.dtype
         self._drop_kernel_cache()

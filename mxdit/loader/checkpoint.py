@@ -101,6 +101,10 @@ class TransformerCheckpoint:
         return None, "none (unquantized)"
 
     def _modelslim(self, opts):
+        cfg_qc = self._config_json_quant()
+        if isinstance(cfg_qc, dict) and cfg_qc.get("quant_method") == "modelslim":
+            # mxdit.save_quantized records the load-time numerics beside the description; explicit options win
+            opts = {**{k: v for k, v in cfg_qc.items() if k in ("act_round_mode", "smooth_in_quant")}, **opts}
         desc = load_description(self.description_path)
         desc_original = is_original_layout(strip_modelslim_wrappers(k) for k in desc if "." in k)
         return get_quant_config(

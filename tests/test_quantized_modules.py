@@ -223,3 +223,15 @@ def test_save_quantized_refuses_fp8(tmp_path):
     with pytest.raises(ValueError, match="fp8"):
         mxdit.save_quantized(d, str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_prompt_clean_is_diffusers_own(monkeypatch):
+    """mxdit's pipeline cleans prompts with diffusers' function itself, not a retyped copy."""
+    import diffusers.pipelines.wan.pipeline_wan as dw
+
+    from mxdit.pipelines.wan import prompt_clean
+
+    text = "  a &amp;amp; cat\n\t surfing  "
+    assert prompt_clean(text) == dw.prompt_clean(text) == "a & cat surfing"
+    monkeypatch.setattr(dw, "prompt_clean", lambda t: "from diffusers")
+    assert prompt_clean(text) == "from diffusers"

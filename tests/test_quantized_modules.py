@@ -235,3 +235,25 @@ def test_prompt_clean_is_diffusers_own(monkeypatch):
     assert prompt_clean(text) == dw.prompt_clean(text) == "a & cat surfing"
     monkeypatch.setattr(dw, "prompt_clean", lambda t: "from diffusers")
     assert prompt_clean(text) == "from diffusers"
+
+
+def test_saved_transformer_in_a_pipeline_dir_generates_identically(pipe, tmp_path):
+    """A diffusers pipeline directory (save_pretrained) whose transformer/ is replaced by save_quantized's
+    output: mxdit's pipeline (what ``mxdit generate --model-path`` runs) detects the quantization and gives
+    the same final latents as quantizing the BF16 directory online."""
+    import shutil
+
+    from mxdit.pipelines.wan import WanVideoPipeline
+
+    src = tmp_path / "bf16"
+    pipe.save_pretrained(str(src), safe_serialization=True)
+    kw = dict(prompt="a cat surfing", height=16, width=16, num_frames=5, num_inference_steps=2, guidance_scale=3.0,
+              seed=0, max_sequence_length=8, output_type="latent")
+    online = WanVideoPipeline.from_pretrained(str(src), quantization="mxfp4_dual", dtype=torch.bfloat16)
+    ref = online(**kw).latents
+    q = tmp_path / "q"
+    shutil.copytree(src, q, ignore=shutil.ignore_patterns("transformer"))
+    mxdit.save_quantized(online.transformer, str(q / "transformer"))
+    saved = WanVideoPipeline.from_pretrained(str(q), dtype=torch.bfloat16)
+    assert saved.transformer.load_report.layout == "repacked"
+    assert torch.equal(saved(**kw).latents, ref)

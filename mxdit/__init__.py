@@ -10,7 +10,14 @@ def load_transformer(path, **kwargs):
 
 
 def quantize_module(module, method, **options):
-    """Online-quantize the linear layers of any module; see :func:`mxdit.quant.module.quantize_module`."""
-    from mxdit.quant.module import quantize_module as _qm
+    """Online-quantize the Wan block linears (default) of any module; see :func:`mxdit.layers.quantize.quantize_module`."""
+    from mxdit.layers.quantize import quantize_module as _qm
 
     return _qm(module, method, **options)
+
+
+def save_quantized(model, directory, **kwargs):
+    """Write a quantized Wan transformer as a diffusers-layout directory; see :func:`mxdit.loader.save.save_quantized`."""
+    from mxdit.loader.save import save_quantized as _save
+
+    return _save(model, directory, **kwargs)

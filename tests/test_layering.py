@@ -14,9 +14,8 @@ PKG = ROOT / "mxdit"
 README_LAYERS = re.findall(r"^mxdit/(\w+)\s", (ROOT / "README.md").read_text().split("## Architecture", 1)[1]
                            .split("```", 2)[1], flags=re.M)
 
-#: imports known to run against the order, with the issue that removes them (issue 13: one scheme,
-#: one record — `quantize_module` moves to the layer that owns QuantLinear).  Nothing else may be added here.
-KNOWN = {("mxdit.quant.module", "layers")}
+#: imports known to run against the order, with the issue that removes them.  Nothing may be added here.
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _layer(module: str) -> str | None:

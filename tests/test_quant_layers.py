@@ -27,6 +27,7 @@ from torch import nn
 import mxdit.formats as F
 import mxdit.quant as Q
 from mxdit.layers.linear import QuantLinear
+from mxdit.layers.quantize import quantize_module
 
 from _quant_oracles import (
     act_2d,
@@ -165,7 +166,7 @@ def test_online_via_quantize_module(method):
     w = lin.weight.detach().clone()
     b = lin.bias.detach().clone()
     holder = nn.Sequential(lin)
-    summary = Q.quantize_module(holder, method)
+    summary = quantize_module(holder, method, include=["*"])
     layer = holder[0]
     assert isinstance(layer, QuantLinear) and summary.layers == ["0"]
     check_weight_bytes(method, layer, w)
@@ -335,7 +336,7 @@ def test_quantize_module_non_finite_names_the_layer():
     with torch.no_grad():
         m.ffn.net[2].weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"ffn\.net\.2"):
-        Q.quantize_module(m, "mxfp4")
+        quantize_module(m, "mxfp4", include=["*"])
 
 
 # ---- quantize_module on a Wan-block-shaped module ------------------------------
@@ -411,7 +412,7 @@ def test_quantize_module_wan_block(method, bits):
     m = WanBlockLike.fresh()
     originals = {n: (lin.weight.detach().clone(), lin.bias.detach().clone()) for n, lin in m.named_linears()}
     assert sorted(originals) == sorted(BLOCK_LINEARS)
-    summary = Q.quantize_module(m, method)
+    summary = quantize_module(m, method, include=["*"])
     assert sorted(summary.layers) == sorted(BLOCK_LINEARS) and summary.skipped == []
     assert summary.method == CANON.get(method, method)
     n_weights = sum(w.numel() for w, _ in originals.values())
@@ -464,16 +465,16 @@ def test_quantize_module_wan_block(method, bits):
 
 def test_quantize_module_include_ignore_and_idempotent():
     m = WanBlockLike.fresh()
-    s = Q.quantize_module(m, "mxfp8", ignore=["attn2.*"], include=["attn*", "ffn.*"])
+    s = quantize_module(m, "mxfp8", ignore=["attn2.*"], include=["attn*", "ffn.*"])
     assert sorted(s.skipped) == sorted(n for n in BLOCK_LINEARS if n.startswith("attn2."))
     assert sorted(s.layers) == sorted(n for n in BLOCK_LINEARS if not n.startswith("attn2."))
     for n in BLOCK_LINEARS:
         assert isinstance(m.get_submodule(n), QuantLinear if not n.startswith("attn2.") else nn.Linear), n
     # a second call does not re-quantize what is already quantized
-    s2 = Q.quantize_module(m, "mxfp8", ignore=["attn2.*"])
+    s2 = quantize_module(m, "mxfp8", ignore=["attn2.*"], include=["*"])
     assert s2.layers == [] and s2.bytes_after == 0
     # include alone
     m2 = WanBlockLike.fresh()
-    s3 = Q.quantize_module(m2, "mxfp4", include=["ffn.*"])
+    s3 = quantize_module(m2, "mxfp4", include=["ffn.*"])
     assert sorted(s3.layers) == ["ffn.net.0.proj", "ffn.net.2"]
     assert all(fnmatch.fnmatchcase(n, "attn*") for n in s3.skipped) and len(s3.skipped) == 8

@@ -66,3 +66,56 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"method={self.quant_method.extra_repr(self)}, prefix='{self.prefix}'"
         )
+
+    # ---- module casts and state dicts: quantized storage keeps its dtypes -----------------------
+    @property
+    def is_quantized(self) -> bool:
+        return self.quant_method.name != "unquantized"
+
+    def _drop_kernel_cache(self) -> None:
+        """Forget the backend's prepared weight (re-prepared from the parameters on the next forward)."""
+        self._kernel_device = None
+        self.__dict__.pop("_kernel_weight", None)
+        self.__dict__.pop("_kernel", None)
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to(dtype)`` / ``.half()`` / ``.bfloat16()`` / ``.float()`` keep a quantized layer's storage.
+
+        torch's casts convert every floating tensor, float8 weights and float32 scales included
+        (``pipe.to(torch.bfloat16)`` would turn an MXFP8 weight back into BF16, twice the memory, and
+        round the fp32 L0 scales).  A quantized layer's tensors all have fixed dtypes — the weight and
+        its scales, the float32 bias (added in fp32) and the float32 ``mul_scale`` — so here a cast
+        changes only ``params_dtype``; outputs keep following the input's dtype.  Device moves
+        (``.to(device)``, ``.cuda()``, ``.to_empty()``...) apply to every tensor.  An unquantized layer
+        casts as ``nn.Linear`` does."""
+        if self.quant_method.name == "unquantized":
+            return super()._apply(fn, recurse)
+
+        def keep_dtype(t):
+            probe = fn(t.new_empty(0))  # what fn does to this dtype, without touching the data
+            return fn(t) if probe.dtype == t.dtype else t.to(device=probe.device)
+
+        cast = fn(torch.empty(0, dtype=self.params_dtype, device=self.weight.device))
+        if cast.is_floating_point():
+            self.params_dtype = cast.dtype
+        self._drop_kernel_cache()
+        return super()._apply(keep_dtype, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """Quantized storage is loaded bit for bit: a tensor whose dtype differs from the parameter's is an
+        error naming it (torch would cast a BF16 weight into a float8 parameter silently)."""
+        if self.quant_method.name != "unquantized":
+            for name, p in self._parameters.items():
+                t = state_dict.get(prefix + name)
+                if p is not None and isinstance(t, torch.Tensor) and t.dtype != p.dtype:
+                    error_msgs.append(
+                        f"layer '{self.prefix or prefix.rstrip('.')}' ({self.quant_method.name}): '{prefix + name}' is "
+                        f"{t.dtype}, the quantized storage is {p.dtype}; load a state_dict of a model quantized the same way"
+                    )
+                    return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if self.quant_method.name != "unquantized" and self._processed:
+            finish = getattr(self.quant_method, "finish_common", None)
+            if finish is not None:
+                finish(self)  # mul_scale use decided again, from the loaded tensor
+            self._drop_kernel_cache()

@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from mxdit.layers.quantize import DEFAULT_ONLINE_INCLUDE, online_scope  # the one default-scope table
 from mxdit.loader.safetensors_io import CheckpointError, CheckpointFiles, index_weight_map, load_json_strict, resolve_weight_files
 from mxdit.models.wan.config import WanTransformerConfig
 from mxdit.models.wan.names import is_original_layout, original_to_diffusers, strip_prefix
@@ -40,10 +41,6 @@ from mxdit.quant import QuantConfig, get_quant_config
 from mxdit.quant.modelslim import DESCRIPTION_FILE, DESCRIPTION_GLOB, WEIGHT_GLOB, find_description_file, load_description, strip_modelslim_wrappers
 from mxdit.quant.schemes import canonical_name
 
-#: Wan layers the online methods quantize by default: the block linears, as
-#: msmodelslim's Wan adapters do (ascend-npu-mx.md §3.5).  ``proj_out`` (N = 64)
-#: is left in BF16 by default — SGLang quantizes it; pass quantize_proj_out=True.
-DEFAULT_ONLINE_INCLUDE = ("blocks.*",)
 
 
 def model_name(checkpoint_name: str, original: bool) -> str:
@@ -104,6 +101,10 @@ class TransformerCheckpoint:
         return None, "none (unquantized)"
 
     def _modelslim(self, opts):
+        cfg_qc = self._config_json_quant()
+        if isinstance(cfg_qc, dict) and cfg_qc.get("quant_method") == "modelslim":
+            # mxdit.save_quantized records the load-time numerics beside the description; explicit options win
+            opts = {**{k: v for k, v in cfg_qc.items() if k in ("act_round_mode", "smooth_in_quant")}, **opts}
         desc = load_description(self.description_path)
         desc_original = is_original_layout(strip_modelslim_wrappers(k) for k in desc if "." in k)
         return get_quant_config(
@@ -119,10 +120,7 @@ class TransformerCheckpoint:
 
 
 def _online(q: str, opts: dict) -> QuantConfig:
-    if opts.pop("quantize_proj_out", False):
-        opts["include"] = tuple(opts.get("include") or DEFAULT_ONLINE_INCLUDE) + ("proj_out",)
-    opts.setdefault("include", DEFAULT_ONLINE_INCLUDE)
-    return get_quant_config(q, **opts)
+    return get_quant_config(q, **online_scope(opts))
 
 
 def _from_json(qc: dict, opts: dict, where: str) -> QuantConfig:

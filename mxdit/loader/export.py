@@ -135,10 +135,12 @@ def plan_shards(entries: list[Entry], layout: str, shard_size_gb: float, mqt: st
 def write_export(
     out_dir: str, entries: list[Entry], *, layout: str, schemes: Iterable[str], shard_size_gb: float,
     descriptions: Optional[dict[str, str]] = None, on_tensor: Optional[Callable[[], None]] = None,
-) -> tuple[str, list[str], str]:
+    write_description: bool = True,
+) -> tuple[Optional[str], list[str], str]:
     """Write ``entries`` (safetensors shards, index) and the description into ``out_dir``; read the
     files back with the reader's header checks (every planned tensor exactly once, as planned).
-    ``descriptions``: extra description-only keys (``<attn>.quant_type``).
+    ``descriptions``: extra description-only keys (``<attn>.quant_type``); ``write_description=False``:
+    weights only (an unquantized model, :func:`mxdit.save_quantized`).
     Returns (description path, weight files, model_quant_type)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout {layout!r}: valid layouts are {', '.join(LAYOUTS)}")
@@ -177,6 +179,8 @@ def write_export(
     if sorted(seen) != sorted(names):
         raise RuntimeError("internal: the written files do not hold exactly the planned tensors")
 
+    if not write_description:
+        return None, files, mqt
     labels = {e.name: e.label for e in entries}
     labels.update(descriptions or {})
     if layout == "mindie":

@@ -30,10 +30,8 @@ does not care.
 from __future__ import annotations
 
 import copy
-import html
 import logging
 import math
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -123,19 +121,11 @@ def module_nbytes(module: Any) -> int | None:
     return total
 
 
-def _basic_clean(text: str) -> str:
-    try:
-        import ftfy  # optional, as in diffusers
-
-        text = ftfy.fix_text(text)
-    except ImportError:
-        pass
-    return html.unescape(html.unescape(text)).strip()
-
-
 def prompt_clean(text: str) -> str:
-    """diffusers' Wan prompt cleaning (ftfy if installed, HTML unescape, whitespace)."""
-    return re.sub(r"\s+", " ", _basic_clean(text)).strip()
+    """diffusers' Wan prompt cleaning itself (ftfy if installed, HTML unescape twice, whitespace collapsed)."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean as _diffusers_prompt_clean
+
+    return _diffusers_prompt_clean(text)
 
 
 def _first_output(out: Any) -> torch.Tensor:

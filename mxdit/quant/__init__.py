@@ -1,5 +1,6 @@
 """Quantization: the scheme records (:mod:`mxdit.quant.schemes`), the QuantConfig / LinearMethod
-interface, online methods, msmodelslim dispatch, the registry and quantize_module."""
+interface, online methods, msmodelslim dispatch and the registry (``quantize_module`` lives in
+:mod:`mxdit.layers.quantize`, the layer that owns QuantLinear; ``mxdit.quantize_module`` is the public name)."""
 from mxdit.quant.base import LinearMethod, QuantConfig, UnquantizedLinearMethod, default_weight_loader, get_weight_loader
 from mxdit.quant.methods import DualMXLinearMethod, FP8LinearMethod, Int8LinearMethod, MXLinearMethod
 from mxdit.quant.modelslim import ModelSlimConfig, find_description_file, find_weight_files, strip_modelslim_wrappers
@@ -15,9 +16,3 @@ __all__ = [
     "SCHEMES", "Scheme", "TensorSpec",
 ]
 
-
-def quantize_module(module, method, **options):
-    """See :func:`mxdit.quant.module.quantize_module`."""
-    from mxdit.quant.module import quantize_module as _qm
-
-    return _qm(module, method, **options)

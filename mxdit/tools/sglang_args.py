@@ -81,6 +81,7 @@ REFUSED: list[tuple[str, str]] = [
     (r"--(output-quality|output-compression|x264-preset|quality|return-frames|return-file-paths-only|"
      r"return-trajectory-.*|data-type|task-type)",
      "the output is fixed: an H.264 MP4 (imageio-ffmpeg, default quality)"),
+    (r"--(host|port|served-model-name)", "a server option: mxdit serve takes it (mxdit generate runs in-process)"),
     (r"--(warmup|warmup-mode|warmup-steps)", "mxdit serve does not warm up (mxdit generate has --warmup)"),
     (r"--prompt-file-path", "a generate option: mxdit serve takes one prompt per request"),
     (r"--(warmup-resolutions|warmup-num-frames|warmup-sampling-params)",

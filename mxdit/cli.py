@@ -56,6 +56,14 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         raise SystemExit(2)
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        # a subcommand may set ``parser.before_parse(parser, argv)`` (generate / serve: --config files
+        # become defaults, SGLang flags mxdit lacks are refused with a reason) before argparse runs
+        hook = getattr(self, "before_parse", None)
+        if hook is not None:
+            hook(self, list(sys.argv[1:] if args is None else args))
+        return super().parse_known_args(args, namespace)
+
 
 def _top_parser() -> ArgumentParser:
     width = max(len(n) for n, _, _ in SUBCOMMANDS)

@@ -69,7 +69,7 @@ def _bad_cases(t2v, i2v, ti2v, tmp):
         (["--boundary-ratio", "1.5"], t2v, "--boundary-ratio must be in [0, 1]"),
         (["--num-inference-steps", "0"], t2v, "--num-inference-steps must be >= 1"),
         (["--transformer-weights-path", str(tmp / "nope")], t2v, "--transformer-weights-path"),
-        (["--dtype", "int8"], t2v, "unknown --dtype"),
+        (["--dtype", "int8"], t2v, "unknown precision"),
         (["--device", "cuda:99"], t2v, "--device"),
         (["--device", "npu"], t2v, "needs torch_npu (pip install torch-npu"),
         (["--quantization", "modelslim"], t2v, "--quantization modelslim"),
@@ -114,9 +114,8 @@ def test_generate_writes_mp4_and_perf_json(t2v_dir, tmp_path, capsys):
     frames = iio.imread(out, index=None)
     assert frames.shape == (5, 32, 32, 3) and frames.dtype == np.uint8
     rec = json.loads(perf.read_text())
-    assert list(rec["stages"]) == ["input_validation", "text_encoding", "latent_preparation",
-                                   "timestep_preparation", "denoising", "decoding"]
-    assert [s["name"] for s in rec["steps"]] == list(rec["stages"])
+    assert [s["name"] for s in rec["steps"]] == ["InputValidationStage", "TextEncodingStage", "LatentPreparationStage",
+                                                 "TimestepPreparationStage", "DenoisingStage", "DecodingStage"]
     assert len(rec["denoise_steps_ms"]) == 2 and rec["settings"]["seed"] == 3
     assert rec["total_duration_ms"] > 0 and rec["fps"] == 8 and rec["output"] == str(out)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["fox.mp4", "perf.json", "sub"]  # no temp leftovers

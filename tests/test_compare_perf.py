@@ -31,13 +31,13 @@ def test_two_file_report_rows():
         "| **Peak Memory (device)** | 20.00 GiB | 10.00 GiB | **-10.00 GiB (-50.0%)** | ✅ (Lower) |",
         "| **Throughput** | 0.10 req/s | 0.12 req/s | - | - |",
         "| Stage Name | Baseline (ms) | New (ms) | Diff (ms) | Diff (%) | Status |",
-        "| input_validation | 1.00 | 1.20 | +0.20 | +20.0% | ⚪️ |",
-        "| text_encoding | 500.00 | 480.00 | -20.00 | -4.0% | ⚪️ |",
-        "| denoising | 9000.00 | 7000.00 | -2000.00 | -22.2% | 🟢 |",
+        "| InputValidationStage | 1.00 | 1.20 | +0.20 | +20.0% | ⚪️ |",
+        "| TextEncodingStage | 500.00 | 480.00 | -20.00 | -4.0% | ⚪️ |",
+        "| DenoisingStage | 9000.00 | 7000.00 | -2000.00 | -22.2% | 🟢 |",
         "| Denoising Loop (4 steps) | 9000.00 | 7000.00 | -2000.00 | -22.2% | 🟢 |",
         "| ↳ transformer (2 steps) | 4500.00 | 3500.00 | -1000.00 | -22.2% | 🟢 |",
         "| ↳ transformer_2 (2 steps) | 4500.00 | 3500.00 | -1000.00 | -22.2% | 🟢 |",
-        "| decoding | 496.00 | 1000.00 | +504.00 | +101.6% | 🔴 |",
+        "| DecodingStage | 496.00 | 1000.00 | +504.00 | +101.6% | 🔴 |",
     ]
     for row in expected_rows:
         assert row in lines, row
@@ -45,8 +45,8 @@ def test_two_file_report_rows():
     names = [l.split(" | ")[0][2:] for l in lines if l.startswith("| ") and "ms" not in l.split(" | ")[0]]
     stage_names = names[names.index("Stage Name") + 2:]
     assert stage_names == [
-        "input_validation", "text_encoding", "latent_preparation", "timestep_preparation", "denoising",
-        "Denoising Loop (4 steps)", "↳ transformer (2 steps)", "↳ transformer_2 (2 steps)", "decoding",
+        "InputValidationStage", "TextEncodingStage", "LatentPreparationStage", "TimestepPreparationStage", "DenoisingStage",
+        "Denoising Loop (4 steps)", "↳ transformer (2 steps)", "↳ transformer_2 (2 steps)", "DecodingStage",
     ]
     i = lines.index("<details>")
     assert lines[i + 1] == "<summary>Metadata</summary>"
@@ -59,7 +59,7 @@ def test_reversed_order_flips_statuses():
     lines = _lines(compare_files([NEW, BASE], now="NOW"))
     assert "| **E2E Latency** | 8000.00 ms | 10000.00 ms | **+2000.00 ms (+25.0%)** | ❌ (Slower) |" in lines
     assert "| **Peak Memory (device)** | 10.00 GiB | 20.00 GiB | **+10.00 GiB (+100.0%)** | ❌ (Higher) |" in lines
-    assert "| decoding | 1000.00 | 496.00 | -504.00 | -50.4% | 🟢 |" in lines
+    assert "| DecodingStage | 1000.00 | 496.00 | -504.00 | -50.4% | 🟢 |" in lines
 
 
 def test_sglang_perf_json_is_accepted():
@@ -83,9 +83,10 @@ def test_legacy_denoising_step_names_are_grouped():
 
 
 def test_mixed_mxdit_and_sglang_files():
+    # an old mxdit file (stage names "denoising" ...) and an SGLang file: the stages meet on one row
     out = compare_files([BASE, SG_NEW], now="NOW")
-    assert "| denoising | 9000.00 | n/a | - | - | - |" in out
-    assert "| DenoisingStage | n/a | 55000.00 | - | - | - |" in out
+    assert "| DenoisingStage | 9000.00 | 55000.00 | +46000.00 | +511.1% | 🔴 |" in out
+    assert "| denoising |" not in out and "n/a | 55000.00" not in out
 
 
 def test_three_files_multi_column():
@@ -93,7 +94,7 @@ def test_three_files_multi_column():
     assert "| Metric | perf_base.json | perf_new.json | sglang_new.json |" in lines
     assert "| **E2E Latency** | 10000.00 ms (baseline) | 8000.00 ms (-20.0%) ✅ | 59000.00 ms (+490.0%) ❌ |" in lines
     assert "| Stage Name | perf_base.json (ms) | perf_new.json (ms) | sglang_new.json (ms) |" in lines
-    assert "| decoding | 496.00 | 1000.00 (+101.6%) 🔴 | n/a |" in lines
+    assert "| DecodingStage | 496.00 | 1000.00 (+101.6%) 🔴 | 3089.50 (+522.9%) 🔴 |" in lines  # one row for all three
     assert any(l.startswith("- Run 2 (`sglang_new.json`)") for l in lines)
 
 

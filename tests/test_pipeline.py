@@ -10,7 +10,7 @@ import torch
 
 from _tiny_wan import RecordingTransformer, diffusers_loader, load_fp32, loader_available, tiny_model_dir
 
-from mxdit.pipelines.timing import STAGES
+from mxdit.pipelines.timing import SGLANG_STAGE_NAMES, STAGES
 from mxdit.pipelines.wan import WanVideoPipeline, psnr, relative_error
 
 H = W = 32
@@ -186,20 +186,21 @@ def test_frames_and_perf_record(t2v):
     assert out.frames.shape == (FRAMES, H, W, 3) and out.frames.dtype == np.uint8
     assert out.frames.std() > 1.0  # not a constant video
     perf = json.loads(json.dumps(out.perf))  # JSON-serializable
-    t2v_stages = [s for s in STAGES if s != "image_encoding"]
-    assert list(perf["stages"]) == t2v_stages
-    assert [s["name"] for s in perf["steps"]] == t2v_stages  # SGLang-compatible list
-    assert all(v >= 0 for v in perf["stages"].values())
+    t2v_stages = [SGLANG_STAGE_NAMES[s] for s in STAGES if s != "image_encoding"]
+    assert [s["name"] for s in perf["steps"]] == t2v_stages  # SGLang's stage names
+    stages = {s["name"]: s["duration_ms"] for s in perf["steps"]}
+    assert all(v >= 0 for v in stages.values())
     assert [s["step"] for s in perf["denoise_steps_ms"]] == list(range(4))
     assert {s["expert"] for s in perf["denoise_steps_ms"]} == {"transformer", "transformer_2"}
-    assert sum(perf["stages"].values()) <= perf["total_duration_ms"] * 1.001
-    assert sum(s["duration_ms"] for s in perf["denoise_steps_ms"]) <= perf["stages"]["denoising"] * 1.001
+    assert sum(stages.values()) <= perf["total_duration_ms"] * 1.001
+    assert sum(s["duration_ms"] for s in perf["denoise_steps_ms"]) <= stages["DenoisingStage"] * 1.001
     assert perf["peak_memory"]["rss_bytes"] > 0
     assert perf["peak_memory"]["device_max_allocated_bytes"] is None  # CPU
     assert set(perf["versions"]) >= {"mxdit", "torch", "diffusers", "transformers", "python"}
-    assert perf["model"] == "model" and perf["prompt"] == PROMPT and perf["device"] == "cpu"
+    assert perf["meta"] == {"model": "model", "prompt": PROMPT} and perf["device"] == "cpu"
     assert perf["quantization"] is None and perf["model_load_ms"] > 0
-    assert "commit" in perf and "timestamp" in perf
+    assert "commit_hash" in perf and "timestamp" in perf
+    assert set(perf["memory_checkpoints"]) == {"before_forward", "after_forward"}
     mm = perf["model_memory_bytes"]
     assert mm["transformer"] > 0 and mm["transformer_2"] > 0 and mm["vae"] > 0 and mm["text_encoder"] > 0
 

@@ -2,25 +2,33 @@
 
 :class:`PerfRecorder` times the pipeline's stages and denoising steps (synchronizing
 the accelerator around each, so asynchronous kernels are charged to the right
-stage) and turns them into a JSON record that is a superset of SGLang-Diffusion's
-``--perf-dump-path`` report::
+stage) and turns them into SGLang-Diffusion's ``--perf-dump-path`` report
+(v0.5.23 ``runtime/utils/perf_logger.py::PerformanceLogger.dump_benchmark_report``),
+with mxdit's extras beside SGLang's keys::
 
     {
-      "timestamp", "request_id", "tag", "commit", "commit_hash",
-      "model", "prompt", "meta": {"model", "prompt"},
-      "quantization", "device", "dtype", "settings": {...},
-      "total_duration_ms",
-      "stages": {name: ms},                              # mxdit
-      "steps": [{"name", "duration_ms"}],                # SGLang: the stages, in order
-      "denoise_steps_ms": [{"step", "duration_ms", "expert", "timestep"}],
+      # SGLang's keys
+      "timestamp", "request_id", "commit_hash", "tag", "total_duration_ms",
+      "steps": [{"name", "duration_ms"}],            # stages, SGLang's names (DenoisingStage ...)
+      "denoise_steps_ms": [{"step", "duration_ms",   # SGLang
+                            "expert", "timestep"}],  # mxdit
+      "memory_checkpoints": {name: {"allocated_mb", "reserved_mb", "peak_allocated_mb",
+                                    "peak_reserved_mb", "peak_host_anon_mb"}},
+      "meta": {"prompt", "model"},
+      # mxdit's extras
+      "quantization", "device", "dtype", "settings": {...}, "model_load_ms", "model_memory_bytes",
       "peak_memory": {"rss_bytes", "device_max_allocated_bytes"},
       "versions": {"mxdit", "torch", "diffusers", "transformers", "python"},
     }
 
-So ``compare_perf`` from SGLang can read ours, and ``mxdit compare-perf`` reads both.
-``peak_memory.rss_bytes`` is the process's peak RSS so far (loading included);
-``device_max_allocated_bytes`` is the accelerator's peak allocation during the
-generation (reset when it starts; None on CPU).
+Stage names: :data:`SGLANG_STAGE_NAMES` maps mxdit's internal names (``denoising`` ...)
+to SGLang's stage classes; it is the one table, also used to read older mxdit files
+(:func:`sglang_stage_name`).  ``peak_memory.rss_bytes`` is the process's peak RSS so far
+(loading included); ``device_max_allocated_bytes`` is the accelerator's peak allocation
+during the generation (reset when it starts; None on CPU).  ``memory_checkpoints``
+``before_forward`` / ``after_forward`` (SGLang's names) hold the accelerator's allocator
+figures (zeros on CPU, and ``peak_host_anon_mb`` is 0.0: no sampler runs, as SGLang's
+records where none ran).
 """
 from __future__ import annotations
 
@@ -37,6 +45,38 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+
+#: mxdit's pipeline stage -> SGLang's stage class name (what its perf JSON lists in ``steps``).
+#: Wan2.2 has no CLIP image encoder: its image goes through the VAE (SGLang's ImageVAEEncodingStage).
+SGLANG_STAGE_NAMES = {
+    "input_validation": "InputValidationStage",
+    "text_encoding": "TextEncodingStage",
+    "image_encoding": "ImageVAEEncodingStage",
+    "latent_preparation": "LatentPreparationStage",
+    "timestep_preparation": "TimestepPreparationStage",
+    "denoising": "DenoisingStage",
+    "decoding": "DecodingStage",
+}
+
+
+def sglang_stage_name(name: str) -> str:
+    """SGLang's name of a stage (mxdit's old names mapped; anything else unchanged)."""
+    return SGLANG_STAGE_NAMES.get(name, name)
+
+
+def stage_ms(perf: dict[str, Any], stage: str) -> float | None:
+    """A stage's duration in a perf record (new or old mxdit, or SGLang), by either name."""
+    want = sglang_stage_name(stage)
+    for s in perf.get("steps") or ():
+        if isinstance(s, dict) and sglang_stage_name(str(s.get("name"))) == want:
+            return float(s.get("duration_ms", 0.0))
+    old = perf.get("stages")
+    if isinstance(old, dict):
+        for k, v in old.items():
+            if sglang_stage_name(str(k)) == want:
+                return float(v)
+    return None
+
 
 #: the pipeline stages, in execution order (image_encoding only for image conditioning)
 STAGES = (
@@ -109,6 +149,21 @@ def device_peak_bytes(device: torch.device | None) -> int | None:
     return None
 
 
+def memory_snapshot(device: torch.device | None) -> dict[str, float]:
+    """SGLang's ``MemorySnapshot.to_dict()`` for ``device`` (MiB, 2 decimals; zeros on CPU)."""
+    mod = _device_module(device)
+    vals = {"allocated_mb": 0.0, "reserved_mb": 0.0, "peak_allocated_mb": 0.0, "peak_reserved_mb": 0.0}
+    if mod is not None:
+        for key, fn in (("allocated_mb", "memory_allocated"), ("reserved_mb", "memory_reserved"),
+                        ("peak_allocated_mb", "max_memory_allocated"), ("peak_reserved_mb", "max_memory_reserved")):
+            try:
+                vals[key] = round(float(getattr(mod, fn)(device)) / 2**20, 2)
+            except Exception:  # a profiler must never break the run
+                pass
+    vals["peak_host_anon_mb"] = 0.0
+    return vals
+
+
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
     """The git commit of the mxdit checkout (or ``$MXDIT_GIT_COMMIT``); None when unknown."""
     env = os.environ.get("MXDIT_GIT_COMMIT")
@@ -156,6 +211,7 @@ class PerfRecorder:
         self.sync = sync
         self.stages: dict[str, float] = {}
         self.steps: list[dict[str, Any]] = []
+        self.memory_checkpoints: dict[str, dict[str, float]] = {}
         self._t0: float | None = None
         self._t1: float | None = None
         self.timestamp = datetime.now(timezone.utc).isoformat()
@@ -168,11 +224,13 @@ class PerfRecorder:
     def start(self) -> None:
         reset_device_peak(self.device)
         self._sync()
+        self.memory_checkpoints["before_forward"] = memory_snapshot(self.device)
         self._t0 = time.perf_counter()
 
     def stop(self) -> None:
         self._sync()
         self._t1 = time.perf_counter()
+        self.memory_checkpoints["after_forward"] = memory_snapshot(self.device)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -211,33 +269,29 @@ class PerfRecorder:
         return (end - self._t0) * 1e3
 
     def to_dict(self, **meta: Any) -> dict[str, Any]:
-        """The perf record.  ``meta`` keys (model, prompt, quantization, device, dtype,
-        settings, model_load_ms, ...) are stored at the top level."""
-        commit = git_commit()
-        model = meta.get("model")
-        prompt = meta.get("prompt")
+        """The perf record: SGLang's keys, then ``meta`` (quantization, device, dtype, settings,
+        model_load_ms, ...; ``model`` and ``prompt`` go into SGLang's ``meta``)."""
+        if self._t1 is None:
+            self.stop()
+        model = meta.pop("model", None)
+        prompt = meta.pop("prompt", None)
         record: dict[str, Any] = {
             "timestamp": self.timestamp,
             "request_id": self.request_id,
+            "commit_hash": git_commit() or "N/A",
             "tag": meta.pop("tag", "mxdit_generate"),
-            "commit": commit,
-            "commit_hash": commit or "N/A",
+            "total_duration_ms": self.total_ms,
+            "steps": [{"name": sglang_stage_name(k), "duration_ms": v} for k, v in self.stages.items()],
+            "denoise_steps_ms": [dict(s) for s in self.steps],
+            "memory_checkpoints": {k: dict(v) for k, v in self.memory_checkpoints.items()},
+            "meta": {"prompt": prompt, "model": model},
         }
         record.update(meta)
-        record.update(
-            {
-                "meta": {"model": model, "prompt": prompt},
-                "total_duration_ms": self.total_ms,
-                "stages": dict(self.stages),
-                "steps": [{"name": k, "duration_ms": v} for k, v in self.stages.items()],
-                "denoise_steps_ms": [dict(s) for s in self.steps],
-                "peak_memory": {
-                    "rss_bytes": peak_rss_bytes(),
-                    "device_max_allocated_bytes": device_peak_bytes(self.device),
-                },
-                "versions": versions(),
-            }
-        )
+        record["peak_memory"] = {
+            "rss_bytes": peak_rss_bytes(),
+            "device_max_allocated_bytes": device_peak_bytes(self.device),
+        }
+        record["versions"] = versions()
         return record
 
 

@@ -72,7 +72,8 @@ class QuantizedLinearMethod(LinearMethod):
         if in_features % self.k_multiple:
             raise ValueError(
                 f"layer '{getattr(layer, 'prefix', '?')}': {self.name} needs in_features (K) to be a multiple of "
-                f"{self.k_multiple}, got {in_features}; leave the layer unquantized with ignore=['{getattr(layer, 'prefix', '?')}']"
+                f"{self.k_multiple}, got {in_features}; leave the layer unquantized with ignore=['{getattr(layer, 'prefix', '?')}'] "
+                f"(command line: --quantization-ignored-layers '{getattr(layer, 'prefix', '?')}')"
             )
 
     def create_bias(self, layer, out_features, bias, device, dtype=torch.float32) -> None:

@@ -12,6 +12,10 @@ Status rules (SGLang's):
 * Stages: ``🔴`` if new > max(base x 1.1, base + 120 ms), ``🟢`` if
   new < min(base x 0.9, base - 120 ms), ``⚪️`` otherwise.
 
+Stage names go through :data:`mxdit.pipelines.timing.SGLANG_STAGE_NAMES`, so older mxdit
+files (``denoising`` ...) line up row for row with SGLang's and new mxdit files
+(``DenoisingStage`` ...).
+
 ``denoising_step_N`` entries of a ``steps`` list and the ``denoise_steps_ms``
 list are grouped into one ``Denoising Loop (n steps)`` row, with one sub-row
 per expert for two-expert models.  The first file is the baseline; with three
@@ -29,10 +33,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mxdit.errors import UsageError
+from mxdit.pipelines.timing import sglang_stage_name
 
 LOOP = "Denoising Loop"
 _STEP_RE = re.compile(r"^denoising_step_(\d+)$")
-_DENOISE_STAGE_RE = re.compile(r"^(denoising|denoisingstage|denoise)$", re.IGNORECASE)
+DENOISE_STAGE = sglang_stage_name("denoising")
 
 
 @dataclass
@@ -83,7 +88,7 @@ def load_perf(path: str | Path) -> PerfRun:
     steps = data.get("steps")
     if isinstance(steps, list) and steps and isinstance(steps[0], dict):
         for i, s in enumerate(steps):
-            name = str(s.get("name", f"stage_{i}"))
+            name = sglang_stage_name(str(s.get("name", f"stage_{i}")))
             ms = _num(s.get("duration_ms", s.get("execution_time_ms", 0.0)), f"steps[{i}].duration_ms", path)
             if _STEP_RE.match(name):
                 loop_from_steps += ms
@@ -93,11 +98,11 @@ def load_perf(path: str | Path) -> PerfRun:
             else:
                 stages[name] = stages.get(name, 0.0) + ms
     elif isinstance(data.get("stages"), dict):
-        for name, ms in data["stages"].items():
-            stages[str(name)] = _num(ms, f"stages[{name!r}]", path)
+        for name, ms in data["stages"].items():  # old mxdit files (no "steps" list of dicts)
+            stages[sglang_stage_name(str(name))] = _num(ms, f"stages[{name!r}]", path)
     elif isinstance(data.get("stages"), list):  # SGLang performance.log records
         for i, s in enumerate(data["stages"]):
-            stages[str(s.get("name"))] = _num(s.get("execution_time_ms", s.get("duration_ms")), f"stages[{i}]", path)
+            stages[sglang_stage_name(str(s.get("name")))] = _num(s.get("execution_time_ms", s.get("duration_ms")), f"stages[{i}]", path)
 
     experts: dict[str, tuple[int, float]] = {}
     loop_ms: float | None = None
@@ -118,7 +123,7 @@ def load_perf(path: str | Path) -> PerfRun:
         loop_ms, n_loop = loop_from_steps, loop_count
         stages.pop(LOOP, None)
 
-    denoise_ms = next((v for k, v in stages.items() if _DENOISE_STAGE_RE.match(k)), None)
+    denoise_ms = stages.get(DENOISE_STAGE)
     if denoise_ms is None:
         denoise_ms = loop_ms
 
@@ -192,7 +197,7 @@ def _rows(runs: Sequence[PerfRun]) -> list[tuple[str, list[float | None]]]:
     placed = False
     for name in order:
         rows.append((name, [r.stages.get(name) for r in runs]))
-        if not placed and _DENOISE_STAGE_RE.match(name):
+        if not placed and name == DENOISE_STAGE:
             rows.extend(loop_rows)
             placed = True
     if not placed:

@@ -13,36 +13,26 @@ import sys
 from pathlib import Path
 
 from mxdit.errors import UsageError
-from mxdit.quant.schemes import available_quant_methods, canonical_name
+from mxdit.quant.schemes import canonical_name
+from mxdit.tools import sglang_args
+from mxdit.tools.sglang_args import DEFAULTS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model-path", required=True, help="diffusers-layout Wan2.2 model directory")
-    g.add_argument("--quantization", default=None,
-                   help=f"quantize online, fixed for the server's life (one of: {', '.join(available_quant_methods())})")
-    g.add_argument("--transformer-weights-path", default=None)
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, npu (default: the first accelerator, else cpu)")
-    g.add_argument("--dtype", default="bf16", help="bf16 (default), fp16, fp32")
-    g.add_argument("--flow-shift", type=float, default=None)
+    """``sglang serve``'s flags (v0.5.23) for what mxdit serves; the model / precision / quantization and
+    parallelism groups are ``mxdit generate``'s (one definition, :mod:`mxdit.tools.sglang_args`)."""
+    sglang_args.add_model_arguments(p, serve=True)
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need --api-key)")
-    g.add_argument("--port", type=int, default=30000)
-    g.add_argument("--output-path", default="outputs", help="folder for the videos (default outputs/)")
+    g.add_argument("--host", default=DEFAULTS["host"], help=f"bind address (default {DEFAULTS['host']}; others need --api-key)")
+    g.add_argument("--port", type=int, default=DEFAULTS["port"])
+    g.add_argument("--output-path", default=DEFAULTS["output_path"],
+                   help=f"folder for the videos (default {DEFAULTS['output_path']})")
     g.add_argument("--db-path", default=None, help="SQLite job database (default <output-path>/jobs.sqlite)")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health")
     g.add_argument("--max-queue-size", type=int, default=16, help="queued jobs before POST answers 429")
     g.add_argument("--served-model-name", default=None, help="the model id /v1/models reports")
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--num-gpus", type=int, default=None,
-                   help="ranks to spawn on this host (default 1, or torchrun's world size); rank 0 serves HTTP")
-    g.add_argument("--ulysses-degree", type=int, default=None)
-    g.add_argument("--ring-degree", type=int, default=None)
-    g.add_argument("--enable-cfg-parallel", action="store_true")
-    g.add_argument("--tp-size", type=int, default=1, help="tensor parallel (only 1 is supported)")
-    g.add_argument("--master-port", type=int, default=None, help="rendezvous port of spawned ranks (default: free)")
-    g.add_argument("--dist-timeout", type=float, default=None,
-                   help="seconds a collective inside a job may wait (default 1800); idle peers wait indefinitely")
+    sglang_args.add_parallel_arguments(p, serve=True)
+    sglang_args.install(p)  # --config files; SGLang flags mxdit lacks -> "not supported: why" (exit 2)
 
 
 def _is_loopback(host: str) -> bool:
@@ -60,15 +50,18 @@ def _layout_args(args: argparse.Namespace, req: dict | None = None) -> argparse.
     req = req or {}
     return argparse.Namespace(
         num_gpus=args.num_gpus, ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
-        enable_cfg_parallel=args.enable_cfg_parallel, tp_size=args.tp_size, master_port=args.master_port,
-        dist_timeout=args.dist_timeout, guidance_scale=None, guidance_scale_2=None, image=None,
+        enable_cfg_parallel=args.enable_cfg_parallel, tp_size=args.tp_size, sp_degree=args.sp_degree,
+        cfg_parallel_size=args.cfg_parallel_size, master_port=args.master_port,
+        dist_timeout=args.dist_timeout, guidance_scale=None, guidance_scale_2=None, image_path=None,
         height=req.get("height"), width=req.get("width"), num_frames=req.get("num_frames"))
 
 
 def run(args: argparse.Namespace) -> int:
     from mxdit.pipelines.model_dir import ModelDirError, inspect_model_dir
-    from mxdit.tools.generate import DTYPES, _resolve_device, parallel_config
+    from mxdit.tools.generate import _resolve_device, parallel_config
 
+    if args.model_path is None:
+        raise UsageError("--model-path is required (or model_path in --config)")
     if not _is_loopback(args.host) and not args.api_key:
         raise UsageError(f"--host {args.host} is not loopback; pass --api-key to serve beyond this machine")
     if not 1 <= args.port <= 65535:
@@ -77,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-queue-size must be >= 1, got {args.max_queue_size}")
     if args.quantization is not None:
         canonical_name(args.quantization, what="--quantization")  # the one name check (a ValueError: exit 2)
-    if args.dtype.lower() not in DTYPES:
-        raise UsageError(f"unknown --dtype {args.dtype!r} (choose from: bf16, fp16, fp32)")
+    sglang_args.resolve_precisions(args, UsageError)
     try:
         info = inspect_model_dir(args.model_path)
     except ModelDirError as e:
@@ -128,7 +120,7 @@ def _serve_rank(args: argparse.Namespace, parallel) -> int:
     from mxdit.pipelines.model_dir import inspect_model_dir
     from mxdit.pipelines.wan import WanVideoPipeline
     from mxdit.serve.engine import DistributedEngine, Engine, control_group, serve_peer
-    from mxdit.tools.generate import DTYPES, _resolve_device, parallel_config
+    from mxdit.tools.generate import _resolve_device, parallel_config
 
     info = inspect_model_dir(args.model_path)
     out_dir = Path(args.output_path).expanduser()
@@ -147,7 +139,8 @@ def _serve_rank(args: argparse.Namespace, parallel) -> int:
     try:
         pipe = WanVideoPipeline.from_pretrained(
             info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
-            device=device, dtype=getattr(torch, DTYPES[args.dtype.lower()]), flow_shift=args.flow_shift)
+            device=device, flow_shift=args.flow_shift, attention_quantization=args.attention_backend,
+            **sglang_args.resolve_precisions(args, UsageError), **sglang_args.quant_options(args))
     except (FileNotFoundError, NotImplementedError, ValueError) as e:
         raise ServeFailure(str(e)) from None  # raised, so that every other rank is stopped too
     if not multi:

@@ -288,3 +288,40 @@ def test_bf16_base_matches_diffusers_load_lora_weights(tmp_path, t2v_dir):
     assert relative_error(no_lora, want) > 100 * max(err, 1e-7)  # the LoRAs change the result
     assert ours.lora.list()["active"] == {"transformer": [{"nickname": "lightning", "strength": 1.0}],
                                           "transformer_2": [{"nickname": "lightning", "strength": 1.0}]}
+
+
+# ------------------------------------------------------------------ mxdit serve: SGLang's LoRA routes
+def test_serve_lora_routes(tmp_path, t2v_dir):
+    from fastapi.testclient import TestClient
+
+    from mxdit.pipelines.model_dir import inspect_model_dir
+    from mxdit.serve.app import Server, create_app
+    from mxdit.serve.engine import Engine
+    from mxdit.serve.store import JobStore
+
+    pipe = WanVideoPipeline.from_pretrained(t2v_dir, quantization="mxfp8", progress=False)
+    before = _bits(pipe.transformer)
+    srv = Server(Engine(pipe, inspect_model_dir(t2v_dir)), JobStore(str(tmp_path / "j.sqlite")), tmp_path)
+    http = TestClient(create_app(srv))
+    lf = str(_lora_file(tmp_path / "style.safetensors", 3))
+    r = http.post("/v1/set_lora", json={"lora_nickname": "style", "lora_path": lf, "target": "transformer",
+                                         "strength": 0.5})
+    assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+    listed = http.get("/v1/list_loras").json()
+    assert listed["active"] == {"transformer": [{"nickname": "style", "strength": 0.5}], "transformer_2": []}
+    layer = pipe.transformer.get_submodule("blocks.0.attn1.to_q")
+    assert L.layer_lora(layer).active == (("style", 0.5),)
+    for body, field in [({}, "lora_nickname"), ({"lora_nickname": 3}, "lora_nickname"),
+                        ({"lora_nickname": "s", "strength": "x"}, "strength"),
+                        ({"lora_nickname": "s", "strength": float("1e9")}, "strength"),
+                        ({"lora_nickname": ["s"] * 17}, "lora_nickname"),
+                        ({"lora_nickname": "s", "lora_path": str(tmp_path / "missing.safetensors")}, "lora_path"),
+                        ({"lora_nickname": "s", "merge_mode": "fused"}, "merge_mode"),
+                        ({"lora_nickname": "never"}, "lora_nickname")]:
+        r = http.post("/v1/set_lora", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (body, r.text)
+    r = http.post("/v1/merge_lora_weights", json={})
+    assert r.status_code == 400 and "quantized" in r.json()["error"]["message"]
+    assert http.post("/v1/unmerge_lora_weights", json={"target": 5}).json()["error"]["param"] == "target"
+    assert http.post("/v1/set_lora", json={"lora_nickname": "style", "strength": 0.0}).status_code == 200
+    assert _bits(pipe.transformer) == before  # switching never wrote the base

@@ -62,6 +62,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--perf-dump-path", default=None, help="write the performance JSON here")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    from mxdit.loader.lora import add_lora_arguments
+
+    add_lora_arguments(p)
+
     g = p.add_argument_group("parallelism", "split one video over devices (SGLang's flags; see README "
                              "'Running on N devices'); also works under torchrun --nproc-per-node N")
     g.add_argument("--num-gpus", type=int, default=None,
@@ -280,6 +284,7 @@ def _run_rank(args: argparse.Namespace) -> int:
 
     from mxdit.pipelines.timing import write_json_atomic
     from mxdit.pipelines.video import write_mp4
+    from mxdit.loader.lora import lora_specs_from_args
     from mxdit.pipelines.wan import NonFiniteOutputError, WanVideoPipeline, check_finite_output
 
     t0 = time.perf_counter()
@@ -293,6 +298,7 @@ def _run_rank(args: argparse.Namespace) -> int:
             req.info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
             device=req.device, dtype=req.dtype, flow_shift=args.flow_shift,
             attention_quantization=args.attention_backend,  # None: SGLang's env switch decides
+            loras=lora_specs_from_args(args), lora_merge_mode=args.lora_merge_mode,
         )
     except (FileNotFoundError, NotImplementedError, ValueError) as e:  # a checkpoint problem found while loading
         from mxdit.cli import one_line_error

@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, npu (default: the first accelerator, else cpu)")
     g.add_argument("--dtype", default="bf16", help="bf16 (default), fp16, fp32")
     g.add_argument("--flow-shift", type=float, default=None)
+    from mxdit.loader.lora import add_lora_arguments
+
+    add_lora_arguments(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need --api-key)")
     g.add_argument("--port", type=int, default=30000)
@@ -126,6 +129,7 @@ def _serve_rank(args: argparse.Namespace, parallel) -> int:
 
     from mxdit import distributed as mxdist
     from mxdit.pipelines.model_dir import inspect_model_dir
+    from mxdit.loader.lora import lora_specs_from_args
     from mxdit.pipelines.wan import WanVideoPipeline
     from mxdit.serve.engine import DistributedEngine, Engine, control_group, serve_peer
     from mxdit.tools.generate import DTYPES, _resolve_device, parallel_config
@@ -147,7 +151,8 @@ def _serve_rank(args: argparse.Namespace, parallel) -> int:
     try:
         pipe = WanVideoPipeline.from_pretrained(
             info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
-            device=device, dtype=getattr(torch, DTYPES[args.dtype.lower()]), flow_shift=args.flow_shift)
+            device=device, dtype=getattr(torch, DTYPES[args.dtype.lower()]), flow_shift=args.flow_shift,
+            loras=lora_specs_from_args(args), lora_merge_mode=args.lora_merge_mode)
     except (FileNotFoundError, NotImplementedError, ValueError) as e:
         raise ServeFailure(str(e)) from None  # raised, so that every other rank is stopped too
     if not multi:

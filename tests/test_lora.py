@@ -325,3 +325,25 @@ def test_serve_lora_routes(tmp_path, t2v_dir):
     assert http.post("/v1/unmerge_lora_weights", json={"target": 5}).json()["error"]["param"] == "target"
     assert http.post("/v1/set_lora", json={"lora_nickname": "style", "strength": 0.0}).status_code == 200
     assert _bits(pipe.transformer) == before  # switching never wrote the base
+
+
+# ------------------------------------------------------------------ mxdit generate --lora-*
+def test_generate_with_one_lora_per_expert(tmp_path, t2v_dir, capsys):
+    from mxdit.cli import main
+
+    small = ["--height", "32", "--width", "32", "--num-frames", "5", "--num-inference-steps", "2", "--no-progress",
+             "--quantization", "mxfp8"]
+    hi, lo = _lora_file(tmp_path / "high.safetensors", 1), _lora_file(tmp_path / "low.safetensors", 2, block=1)
+    out = tmp_path / "o.mp4"
+    rc = main(["generate", "--model-path", str(t2v_dir), "--prompt", "a fox", *small, "--output", str(out),
+               "--lora-path", f"transformer={hi}", f"transformer_2={lo}", "--lora-nickname", "lightning",
+               "--lora-scale", "1.0", "--lora-merge-mode", "merge"])
+    assert rc == 0 and out.is_file()
+    bad = tmp_path / "bad.safetensors"
+    save_file({"transformer.blocks.5.attn1.to_k.lora_A.weight": torch.zeros(R, TINY_DIM),
+               "transformer.blocks.5.attn1.to_k.lora_B.weight": torch.zeros(TINY_DIM, R)}, str(bad))
+    capsys.readouterr()
+    rc = main(["generate", "--model-path", str(t2v_dir), "--prompt", "a fox", *small, "--output", str(out),
+               "--lora-path", str(bad)])
+    errs = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert rc == 2 and len(errs) == 1 and errs[0].endswith("match no linear layer of the model: blocks.5.attn1.to_k")

@@ -284,7 +284,7 @@ def _run_rank(args: argparse.Namespace) -> int:
 
     from mxdit.pipelines.timing import write_json_atomic
     from mxdit.pipelines.video import write_mp4
-    from mxdit.loader.lora import lora_specs_from_args
+    from mxdit.loader.lora import LoRAError, lora_specs_from_args
     from mxdit.pipelines.wan import NonFiniteOutputError, WanVideoPipeline, check_finite_output
 
     t0 = time.perf_counter()
@@ -300,6 +300,8 @@ def _run_rank(args: argparse.Namespace) -> int:
             attention_quantization=args.attention_backend,  # None: SGLang's env switch decides
             loras=lora_specs_from_args(args), lora_merge_mode=args.lora_merge_mode,
         )
+    except LoRAError as e:  # a LoRA file that does not fit the model: bad input
+        raise UsageError(str(e)) from None
     except (FileNotFoundError, NotImplementedError, ValueError) as e:  # a checkpoint problem found while loading
         from mxdit.cli import one_line_error
 

@@ -230,6 +230,9 @@ def test_switching_loras_between_requests_keeps_base_bits(tmp_path, t2v_dir):
     assert not torch.equal(ya, base) and not torch.equal(yb, base) and not torch.equal(yab, ya)
     assert _bits(model) == before
     assert [a["nickname"] for a in ctl.list()["loaded_adapters"]] == ["a", "b"]
+    ctl.set_lora("a", str(tmp_path / "b.safetensors"), strength=2.0)  # a new file under a known nickname
+    assert "a" not in L.layer_lora(model.get_submodule("blocks.0.attn1.to_q")).adapters  # the old file is gone
+    assert torch.equal(model(**kw)[0], yb)
     with pytest.raises(LL.LoRAError, match="quantized"):
         ctl.set_lora("a")
         ctl.merge()
@@ -347,3 +350,21 @@ def test_generate_with_one_lora_per_expert(tmp_path, t2v_dir, capsys):
                "--lora-path", str(bad)])
     errs = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
     assert rc == 2 and len(errs) == 1 and errs[0].endswith("match no linear layer of the model: blocks.5.attn1.to_k")
+
+
+@pytest.mark.parametrize("label", ["W8A8_MXFP8", "W4A4_MXFP4_DUALSCALE", "W8A8_DYNAMIC"])
+def test_unmerged_lora_on_msmodelslim_layers(tmp_path, label):
+    from test_modelslim import N as MN, _one_layer, load_layer
+
+    cfg, ckpt, _ = _one_layer(tmp_path, label)
+    layer = load_layer(cfg, ckpt, "blocks.0.attn1.to_q", 512, MN)
+    before = _bits(layer)
+    A, B = _ab(7, k=512, n=MN)
+    x = torch.randn(6, 512, generator=torch.Generator().manual_seed(8)).to(torch.bfloat16)
+    base = layer(x)
+    L.add_adapter(layer, "s", L.LoRAWeights(A, B))
+    L.set_active(layer, [("s", 1.25)])
+    assert torch.equal(layer(x), base + Fn.linear(Fn.linear(x, A), B) * 1.25)
+    assert _bits(layer) == before
+    with pytest.raises(ValueError, match="quantized"):
+        L.merge_active(layer)

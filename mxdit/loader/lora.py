@@ -262,6 +262,12 @@ class PipelineLoRA:
         if adapters is None:
             adapters = to_module_adapters(read_lora_file(path), where)
         layers = match_model(self.experts[expert], adapters, where)
+        old = self.loaded.get((nickname, expert))
+        if old is not None and old.merged_at_load:
+            raise LoRAError(f"{expert}: '{nickname}' was merged into the weights at load time; choose another nickname")
+        if old is not None:  # a new file under the same nickname: drop every layer of the old one
+            for layer in self._layers(expert):
+                L.remove_adapter(layer, nickname)
         if not merged_at_load:
             for m, w in adapters.items():
                 L.add_adapter(layers[m], nickname, w)

@@ -575,7 +575,8 @@ def test_every_sglang_generate_flag_is_accepted_or_refused_with_a_reason(capsys,
     accepted, refused = _check_flags(generate, SGLANG_GENERATE_FLAGS, MUST_ACCEPT,
                                      ["--model-path", "m", "--prompt", "p"], capsys, tmp_path)
     assert len(accepted) + len(refused) == sum(len(o.split()) for o, _ in SGLANG_GENERATE_FLAGS)
-    assert "LoRA" in refused["--lora-path"] and "disaggregated" in refused["--disagg-role"]
+    assert {"--lora-path", "--lora-nickname", "--lora-scale", "--lora-merge-mode"} <= accepted
+    assert "LoRA" in refused["--lora-weight-name"] and "disaggregated" in refused["--disagg-role"]
     for flag, value in MXDIT_OWN:
         args, err = _parse(generate, ["--model-path", "m", "--prompt", "p", flag, *([] if value is None else [value])],
                            capsys)

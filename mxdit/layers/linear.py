@@ -59,7 +59,9 @@ class QuantLinear(nn.Module):
             raise ValueError(
                 f"layer '{self.prefix}': input has {x.shape[-1]} features, expected {self.in_features}"
             )
-        return self.quant_method.apply(self, x)
+        y = self.quant_method.apply(self, x)
+        lora = self.__dict__.get("lora")  # mxdit.layers.lora: an unmerged low-rank branch, outside the method
+        return y if lora is None else lora(x, y)
 
     def extra_repr(self) -> str:
         return (

@@ -124,6 +124,7 @@ def load_transformer(
     config: Optional[WanTransformerConfig | dict] = None,
     progress: bool = True,
     attention_quantization: Optional[str] = None,
+    lora_merge: Any = None,
     **quant_options: Any,
 ) -> WanTransformer3DModel:
     """Load a Wan2.x transformer directory (diffusers, original Wan, msmodelslim export or repacked).
@@ -143,6 +144,8 @@ def load_transformer(
             ``<attn>.quant_type: FP8_DYNAMIC`` -> "mxfp8", with the checkpoint's q_rot /
             k_rot), else BF16 (see :mod:`mxdit.layers.attention`).  An explicit value applies
             to every self-attention.  Cross-attention stays BF16.
+        lora_merge: a :class:`mxdit.loader.lora.LoadTimeMerge`: LoRAs added to each float weight
+            as it arrives, before online quantization (checked on the meta model first).
         quant_options: method options — include / ignore (glob patterns on layer
             names; online default: the block linears), quantize_proj_out,
             act_round_mode, scale_mode, smooth_in_quant, backend.
@@ -158,6 +161,8 @@ def load_transformer(
     ckpt: TransformerCheckpoint = open_checkpoint(path, config=config)
     try:
         model, qc, qsource = check_checkpoint(ckpt, quantization, dtype=dtype, **quant_options)
+        if lora_merge is not None:
+            lora_merge.prepare(model)  # LoRA names / shapes / a pre-quantized base: before any read
     except BaseException:
         ckpt.files.close()
         raise
@@ -200,6 +205,8 @@ def load_transformer(
                 owner._parameters[attr] = new
                 bar.update(1)
             if isinstance(module, QuantLinear):
+                if lora_merge is not None:
+                    lora_merge.apply(mod_name, module)  # merged into the float weight, then quantized
                 module.process_weights_after_loading()
                 if module.quant_method.name != "unquantized":
                     if device.type == "cpu":

@@ -328,6 +328,7 @@ class WanVideoPipeline:
         self.model_name = model_name
         self.quantization = quantization
         self.model_load_ms = model_load_ms
+        self.lora = None  # mxdit.loader.lora.PipelineLoRA when LoRAs are loaded (from_pretrained(loras=...))
 
         vcfg = getattr(vae, "config", None)
         self.z_dim = int(config_get(vcfg, "z_dim", 16))
@@ -369,6 +370,8 @@ class WanVideoPipeline:
         vae_dtype: torch.dtype = torch.float32,
         flow_shift: float | None = None,
         attention_quantization: str | None = None,
+        loras: Sequence[Any] | None = None,
+        lora_merge_mode: str = "auto",
         **quant_options: Any,
     ) -> "WanVideoPipeline":
         """Load a diffusers-layout Wan model directory.
@@ -385,7 +388,9 @@ class WanVideoPipeline:
         "fp8_block_rotated", "none"; None: SGLANG_DIFFUSION_ENABLE_MXFP8_ATTENTION, see
         :mod:`mxdit.layers.attention`).  ``quant_options`` go to the loader as they are
         (e.g. ``ignore=[...]`` for the quantization, ``progress=False`` for
-        ``mxdit.load_transformer``).
+        ``mxdit.load_transformer``).  ``loras``: :class:`mxdit.loader.lora.LoRASpec` list, applied
+        with ``lora_merge_mode`` ("auto", "merge": into the float weights before quantization,
+        "dynamic": unmerged); the pipeline's ``.lora`` (a ``PipelineLoRA``) switches them later.
         """
         import diffusers
         import transformers
@@ -404,14 +409,24 @@ class WanVideoPipeline:
         t_path = Path(transformer_weights_path) if transformer_weights_path is not None else root / "transformer"
         if not t_path.exists():
             raise FileNotFoundError(f"transformer weights path {t_path} does not exist")
-        transformer = loader(str(t_path), quantization=quantization, device=device, dtype=dtype, **quant_options)
+        lora_merges, lora_per = {}, {}
+        if loras:  # every LoRA file read and converted before any weight loads
+            from mxdit.loader.lora import plan_load_time
+
+            lora_merges, lora_per = plan_load_time(
+                loras, ("transformer", "transformer_2") if info.boundary_ratio is not None else ("transformer",),
+                lora_merge_mode)
+        lm = lambda e: {"lora_merge": lora_merges[e]} if lora_merges.get(e) is not None else {}  # noqa: E731
+        transformer = loader(str(t_path), quantization=quantization, device=device, dtype=dtype,
+                             **lm("transformer"), **quant_options)
         transformer_2 = None
         if info.boundary_ratio is not None:
             if transformer_weights_path is not None:
                 logger.info("transformer_weights_path applies to 'transformer' only; transformer_2 loads from %s",
                             root / "transformer_2")
             transformer_2 = loader(
-                str(root / "transformer_2"), quantization=quantization, device=device, dtype=dtype, **quant_options
+                str(root / "transformer_2"), quantization=quantization, device=device, dtype=dtype,
+                **lm("transformer_2"), **quant_options
             )
         tokenizer = _component("tokenizer", root, lambda: AutoTokenizer.from_pretrained(str(root / "tokenizer")))
         te_cls_name = (info.model_index.get("text_encoder") or [None, None])[1]
@@ -440,14 +455,22 @@ class WanVideoPipeline:
                     raise TypeError(f"attention_quantization={attn_mode!r}: the loaded transformer "
                                     f"({type(m).__name__}) has no set_attention_quantization()")
                 m.set_attention_quantization(attn_mode)
+        lora_ctl = None
+        if loras:
+            from mxdit.loader.lora import attach_after_load
+
+            lora_ctl = attach_after_load({"transformer": transformer, "transformer_2": transformer_2},
+                                         lora_merges, lora_per)
         load_ms = (time.perf_counter() - t0) * 1e3
 
-        return cls(
+        pipe = cls(
             tokenizer, text_encoder, vae, scheduler, transformer, transformer_2,
             boundary_ratio=info.boundary_ratio, expand_timesteps=info.expand_timesteps,
             dtype=dtype, device=device, model_name=info.name,
             quantization=quantization or _detected_quantization(transformer), model_load_ms=load_ms,
         )
+        pipe.lora = lora_ctl
+        return pipe
 
     def memory_footprint(self) -> dict[str, int | None]:
         """Bytes of weights per component (quantized experts report their packed storage)."""

@@ -284,4 +284,129 @@ def create_app(server: Server) -> FastAPI:
             p.unlink(missing_ok=True)
         return {"id": video_id, "object": "video.deleted", "deleted": True}
 
+    add_lora_routes(app, server)
     return app
+
+
+#: bounds of a LoRA request: adapters per call, characters per nickname / path
+MAX_LORAS, MAX_NICKNAME, MAX_PATH = 16, 128, 4096
+
+
+def _lora_body(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise BadRequest("body", "the body must be a JSON object")
+    return raw
+
+
+def _str_or_list(raw: dict, key: str, *, required: bool, nullable: bool, limit: int) -> Any:
+    v = raw.get(key)
+    if v is None:
+        if required:
+            raise BadRequest(key, f"{key} is required")
+        return None
+    items = v if isinstance(v, list) else [v]
+    if not 1 <= len(items) <= MAX_LORAS:
+        raise BadRequest(key, f"{key} must have 1 to {MAX_LORAS} items, got {len(items)}")
+    for it in items:
+        if it is None and nullable and isinstance(v, list):
+            continue
+        if not isinstance(it, str) or not it or len(it) > limit:
+            raise BadRequest(key, f"{key} must be a non-empty string of at most {limit} characters"
+                                  + (" (or a list of them)" if not isinstance(v, list) else ""))
+    return v
+
+
+def _strengths(raw: dict, key: str = "strength") -> Any:
+    v = raw.get(key, 1.0)
+    items = v if isinstance(v, list) else [v]
+    if not 1 <= len(items) <= MAX_LORAS:
+        raise BadRequest(key, f"{key} must have 1 to {MAX_LORAS} items")
+    for it in items:
+        if isinstance(it, bool) or not isinstance(it, (int, float)) or not math.isfinite(it) or abs(it) > 1e4:
+            raise BadRequest(key, f"{key} must be a finite number in [-1e4, 1e4] (or a list of them), got {it!r}")
+    return [float(x) for x in v] if isinstance(v, list) else float(v)
+
+
+def add_lora_routes(app: FastAPI, server: Server) -> None:
+    """SGLang's LoRA routes: /v1/set_lora, /v1/merge_lora_weights, /v1/unmerge_lora_weights, /v1/list_loras.
+    A change waits for the running job and applies from the next job; 400 names the bad field."""
+
+    def run(op: str, kwargs: dict[str, Any], field: str, message: str):
+        lora = getattr(server.engine, "lora", None)
+        if lora is None:
+            return _err(501, "this engine has no LoRA support", type_="server_error")
+        try:
+            out = lora(op, kwargs)
+        except TimeoutError as e:
+            return _err(503, str(e), type_="server_error")
+        except ValueError as e:
+            return _err(400, str(e).splitlines()[0], field)
+        return out if op == "list" else {"status": "ok", "message": message}
+
+    async def body(request: Request) -> dict:
+        try:
+            return _lora_body(json.loads(await request.body() or b"{}"))
+        except ValueError as e:
+            raise BadRequest("body", f"the body is not JSON ({e})") from None
+
+    @app.post("/v1/set_lora")
+    async def set_lora(request: Request):
+        try:
+            raw = await body(request)
+            nick = _str_or_list(raw, "lora_nickname", required=True, nullable=False, limit=MAX_NICKNAME)
+            path = _str_or_list(raw, "lora_path", required=False, nullable=True, limit=MAX_PATH)
+            target = _str_or_list(raw, "target", required=False, nullable=False, limit=32) or "all"
+            strength = _strengths(raw)
+            mode = raw.get("merge_mode")
+            if mode not in (None, "auto", "merge", "dynamic"):
+                raise BadRequest("merge_mode", f"merge_mode must be auto, merge or dynamic, got {mode!r}")
+            if raw.get("lora_alpha") is not None:
+                raise BadRequest("lora_alpha", "lora_alpha is not supported: alphas come from the LoRA file")
+        except BadRequest as e:
+            return _err(400, str(e), e.field)
+        from starlette.concurrency import run_in_threadpool
+
+        kw = dict(nickname=nick, path=path, target=target, strength=strength)
+        resp = await run_in_threadpool(run, "set_lora", kw, "lora_path" if path is not None else "lora_nickname",
+                                       f"Successfully set LoRA adapter(s): {nick} (target: {target}, strength: {strength})")
+        if mode == "merge" and isinstance(resp, dict):
+            resp = await run_in_threadpool(run, "merge", {"target": "all" if isinstance(target, list) else target},
+                                           "merge_mode", f"Successfully set and merged LoRA adapter(s): {nick}")
+        return resp
+
+    @app.post("/v1/merge_lora_weights")
+    async def merge(request: Request):
+        try:
+            raw = await body(request)
+            target = raw.get("target", "all")
+            if not isinstance(target, str):
+                raise BadRequest("target", "target must be a string")
+            strength = _strengths(raw)
+            if isinstance(strength, list):
+                raise BadRequest("strength", "strength must be a number")
+        except BadRequest as e:
+            return _err(400, str(e), e.field)
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(run, "merge", {"target": target, "strength": strength}, "target",
+                                       f"Successfully merged LoRA weights (target: {target}, strength: {strength})")
+
+    @app.post("/v1/unmerge_lora_weights")
+    async def unmerge(request: Request):
+        try:
+            raw = await body(request)
+            target = raw.get("target", "all")
+            if not isinstance(target, str):
+                raise BadRequest("target", "target must be a string")
+        except BadRequest as e:
+            return _err(400, str(e), e.field)
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(run, "unmerge", {"target": target}, "target",
+                                       f"Successfully unmerged LoRA weights (target: {target})")
+
+    @app.get("/v1/list_loras")
+    async def list_loras():
+        from starlette.concurrency import run_in_threadpool
+
+        return await run_in_threadpool(run, "list", {}, "body", "")

@@ -34,21 +34,56 @@ def run_pipeline(pipe: Any, req: dict[str, Any], progress_cb: Callable[[int], No
     )
 
 
+def apply_lora_op(pipe: Any, op: str, kwargs: dict[str, Any]) -> Any:
+    """One LoRA operation on a pipeline (the same on every rank); creates its PipelineLoRA on first use."""
+    from mxdit.loader.lora import PipelineLoRA
+
+    if getattr(pipe, "lora", None) is None:
+        pipe.lora = PipelineLoRA({"transformer": pipe.transformer,
+                                  "transformer_2": pipe.transformer_2 if pipe.boundary_ratio is not None else None})
+    if op == "set_lora":
+        return pipe.lora.set_lora(**kwargs)
+    if op == "merge":
+        return pipe.lora.merge(**kwargs)
+    if op == "unmerge":
+        return pipe.lora.unmerge(**kwargs)
+    if op == "list":
+        return pipe.lora.list()
+    raise ValueError(f"unknown LoRA operation {op!r}")
+
+
 class Engine:
     """Runs one validated request with the pipeline loaded at start and writes the MP4 atomically."""
 
     def __init__(self, pipe: Any, info: Any):
+        import threading
+
         self.pipe = pipe
         self.info = info
+        self.lock = threading.Lock()  # a LoRA switch waits for the running job: it applies from the next one
 
     def _pipeline(self, req: dict[str, Any], progress_cb: Callable[[int], None] | None = None) -> Any:
         return run_pipeline(self.pipe, req, progress_cb)
+
+    def lora(self, op: str, kwargs: dict[str, Any], timeout: float = 3600.0) -> Any:
+        """SGLang's LoRA operations between jobs (``set_lora``, ``merge``, ``unmerge``, ``list``);
+        a bad request raises ``ValueError`` (mxdit.loader.lora.LoRAError) and changes nothing."""
+        if not self.lock.acquire(timeout=timeout):
+            raise TimeoutError("the running job did not finish in time; retry the LoRA request")
+        try:
+            return self._lora(op, kwargs)
+        finally:
+            self.lock.release()
+
+    def _lora(self, op: str, kwargs: dict[str, Any]) -> Any:
+        return apply_lora_op(self.pipe, op, kwargs)
 
     def generate(self, req: dict[str, Any], output: Path, progress_cb: Callable[[int], None] | None = None) -> dict:
         from mxdit.pipelines.video import write_mp4
         from mxdit.pipelines.wan import check_finite_output
 
-        out = self._pipeline(req, progress_cb)
+        with self.lock:
+            out = self._pipeline(req, progress_cb)
         check_finite_output(out)  # a NaN run fails the job; no video (every rank computed the same latents)
         write_mp4(out.frames, output, fps=req["fps"])  # temp file + rename: complete or absent
         perf = dict(out.perf)
@@ -110,6 +145,15 @@ class DistributedEngine(Engine):
                 self.on_broken()
             raise
 
+    def _lora(self, op: str, kwargs: dict[str, Any]) -> Any:
+        from mxdit.distributed import broadcast_object
+
+        if self.broken:
+            raise RuntimeError("the ranks are out of step after an earlier failure; the server is shutting down")
+        if op != "list":
+            broadcast_object({"lora": (op, kwargs)}, group=self.group)  # every rank applies the same change
+        return apply_lora_op(self.pipe, op, kwargs)
+
     def close(self) -> None:
         """Tell the peers to stop (once; not after a failure that left them out of step)."""
         from mxdit.distributed import broadcast_object
@@ -132,6 +176,9 @@ def serve_peer(pipe: Any, group: Any) -> int:
         if msg is None:
             return 0
         try:
-            run_pipeline(pipe, msg["job"])
+            if "lora" in msg:
+                apply_lora_op(pipe, *msg["lora"])
+            else:
+                run_pipeline(pipe, msg["job"])
         except ValueError:
             continue  # rank 0 met the same input error; its job failed, we stay in step

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
     add_output_arguments(p)
     sglang_args.add_parallel_arguments(p)
+    from mxdit.loader.lora import add_lora_arguments
+
+    add_lora_arguments(p)
     sglang_args.install(p)  # --config files; SGLang flags mxdit lacks -> "not supported: why" (exit 2)
 
 
@@ -415,6 +418,7 @@ def _run_rank(args: argparse.Namespace) -> int:
 
     from mxdit.pipelines.timing import stage_ms, write_json_atomic
     from mxdit.pipelines.video import write_mp4
+    from mxdit.loader.lora import LoRAError, lora_specs_from_args
     from mxdit.pipelines.wan import NonFiniteOutputError, WanVideoPipeline, check_finite_output
 
     t0 = time.perf_counter()
@@ -429,7 +433,10 @@ def _run_rank(args: argparse.Namespace) -> int:
             device=req.device, flow_shift=args.flow_shift,
             attention_quantization=args.attention_backend,  # None: SGLang's env switch decides
             **req.dtypes, **sglang_args.quant_options(args),
+            loras=lora_specs_from_args(args), lora_merge_mode=args.lora_merge_mode,
         )
+    except LoRAError as e:  # a LoRA file that does not fit the model: bad input
+        raise UsageError(str(e)) from None
     except (FileNotFoundError, NotImplementedError, ValueError) as e:  # a checkpoint problem found while loading
         from mxdit.cli import one_line_error
 

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """``sglang serve``'s flags (v0.5.23) for what mxdit serves; the model / precision / quantization and
     parallelism groups are ``mxdit generate``'s (one definition, :mod:`mxdit.tools.sglang_args`)."""
     sglang_args.add_model_arguments(p, serve=True)
+    from mxdit.loader.lora import add_lora_arguments
+
+    add_lora_arguments(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default=DEFAULTS["host"], help=f"bind address (default {DEFAULTS['host']}; others need --api-key)")
     g.add_argument("--port", type=int, default=DEFAULTS["port"])
@@ -118,6 +121,7 @@ def _serve_rank(args: argparse.Namespace, parallel) -> int:
 
     from mxdit import distributed as mxdist
     from mxdit.pipelines.model_dir import inspect_model_dir
+    from mxdit.loader.lora import lora_specs_from_args
     from mxdit.pipelines.wan import WanVideoPipeline
     from mxdit.serve.engine import DistributedEngine, Engine, control_group, serve_peer
     from mxdit.tools.generate import _resolve_device, parallel_config
@@ -140,7 +144,8 @@ def _serve_rank(args: argparse.Namespace, parallel) -> int:
         pipe = WanVideoPipeline.from_pretrained(
             info.path, quantization=args.quantization, transformer_weights_path=args.transformer_weights_path,
             device=device, flow_shift=args.flow_shift, attention_quantization=args.attention_backend,
-            **sglang_args.resolve_precisions(args, UsageError), **sglang_args.quant_options(args))
+            **sglang_args.resolve_precisions(args, UsageError), **sglang_args.quant_options(args),
+            loras=lora_specs_from_args(args), lora_merge_mode=args.lora_merge_mode)
     except (FileNotFoundError, NotImplementedError, ValueError) as e:
         raise ServeFailure(str(e)) from None  # raised, so that every other rank is stopped too
     if not multi:

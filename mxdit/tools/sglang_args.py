@@ -48,7 +48,7 @@ DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32
 REFUSED: list[tuple[str, str]] = [
     (r"--disagg-.*|--(prompt-|image-)?encoder-urls|--denoiser-.*|--decoder-.*|--encoder-tp|--encoder-parallel",
      "disaggregated serving (separate encoder / denoiser / decoder instances) is not built"),
-    (r"--lora-.*", "LoRA adapters are not built in this mxdit"),
+    (r"--lora-.*", "this LoRA option is not built (mxdit has --lora-path, --lora-nickname, --lora-scale, --lora-merge-mode)"),
     (r"--(dit-cpu-offload|dit-layerwise.*|layerwise-.*|dit-offload-.*|text-encoder-cpu-offload|"
      r"image-encoder-cpu-offload|vae-cpu-offload|cpu-offload-components|component-residency|pin-cpu-memory|"
      r"direct-gpu-weight-loading|use-fsdp-inference|offload-during-compile)",

@@ -620,7 +620,7 @@ def test_config_file_keys_are_sglangs_and_flags_win(fmt, tmp_path, capsys):
     assert args.seed == [1, 2] and args.save_output is False and args.text_encoder_precisions == ["bf16"]
     assert args.quantization_ignored_layers == ["blocks.0.*"] and args.guidance_scale == 3.0
     for bad, needle in [({"num_frame": 9}, "key 'num_frame': unknown option"),
-                        ({"lora_path": "x"}, "key 'lora_path': not supported: LoRA"),
+                        ({"lora_weight_name": "x"}, "key 'lora_weight_name': not supported: this LoRA option"),
                         ({"num_frames": "nine"}, "key 'num_frames'"), ({"save_output": "no"}, "expected true or false"),
                         ({"dit_precision": "int8"}, "unknown precision")]:
         cfg.write_text(json.dumps(bad) if fmt == "json" else yaml.safe_dump(bad))

@@ -236,3 +236,21 @@ def test_flags_env_and_config_file(tmp_path, monkeypatch):
         S.switch_config_from_args(_args(["--cache-dit-config", str(f)]))
     with pytest.raises(ValueError, match="cannot be combined"):
         S.switch_config_from_args(_args(["--enable-cache-dit", "--dit-layerwise-offload"]))
+
+
+def test_generate_cli_switches_in_perf_json(t2v_dir, tmp_path, capsys, monkeypatch):
+    from mxdit.cli import main
+
+    monkeypatch.delenv("SGLANG_CACHE_DIT_ENABLED", raising=False)
+    out, perf = tmp_path / "fox.mp4", tmp_path / "perf.json"
+    rc = main(["generate", "--model-path", str(t2v_dir), "--prompt", "a red fox", "--height", "32", "--width", "32",
+               "--num-frames", "5", "--num-inference-steps", "3", "--quantization", "mxfp8", "--device", "cpu",
+               "--dit-cpu-offload", "--vae-tiling", "--vae-slicing", "false", "--output", str(out),
+               "--perf-dump-path", str(perf), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads(perf.read_text())["switches"]
+    assert rep["dit_cpu_offload"] and rep["vae_tiling"] and not rep["vae_slicing"] and not rep["enable_torch_compile"]
+    assert [m["to_device"] for m in rep["expert_moves"]] == ["transformer_2"]
+    rc = main(["generate", "--model-path", str(t2v_dir), "--prompt", "x", "--dit-cpu-offload",
+               "--dit-layerwise-offload", "--output", str(tmp_path / "y.mp4")])
+    assert rc == 2 and "alternatives" in capsys.readouterr().err

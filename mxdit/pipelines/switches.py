@@ -43,7 +43,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 __all__ = ["SwitchConfig", "Switches", "apply_switches", "add_switch_arguments", "switch_config_from_args",
-           "compile_repeated_blocks", "warmup", "load_cache_dit_config", "CACHE_DIT_DEFAULTS"]
+           "compile_repeated_blocks", "warmup", "apply_generate_switches", "load_cache_dit_config", "CACHE_DIT_DEFAULTS"]
 
 #: SGLang's cache-dit defaults and environment variables (python/sglang/multimodal_gen/docs/cache_dit.md)
 CACHE_DIT_DEFAULTS: dict[str, Any] = {
@@ -176,6 +176,10 @@ def switch_config_from_args(args) -> SwitchConfig:
         vae_tiling=bool(args.vae_tiling), vae_slicing=bool(args.vae_slicing), enable_cache_dit=cache_on,
         cache_dit=load_cache_dit_config(args.cache_dit_config) if cache_on else {},
     )
+    if cfg.enable_cache_dit and (getattr(args, "num_gpus", None) or 1) > 1:
+        raise ValueError("--enable-cache-dit runs on one device only (SGLang disables it with world_size > 1)")
+    if cfg.dit_cpu_offload and cfg.dit_layerwise_offload:
+        raise ValueError("--dit-cpu-offload and --dit-layerwise-offload are alternatives; pick one")
     if cfg.dit_layerwise_offload and cfg.enable_cache_dit:
         raise ValueError("--dit-layerwise-offload and --enable-cache-dit cannot be combined "
                          "(cache-dit skips blocks the offload hooks stream; SGLang refuses it too)")
@@ -246,6 +250,7 @@ class Switches:
         self.compiled_blocks = 0
         self._cache_dit_stats: Optional[dict[str, Any]] = None
         self._call_experts: list[str] = []
+        self.warmup_s: Optional[float] = None
 
     # -- helpers
     def experts(self) -> list[tuple[str, nn.Module]]:
@@ -408,7 +413,7 @@ class Switches:
         }
         if c.enable_torch_compile:
             rep["torch_compile"] = {"backend": c.torch_compile_backend, "mode": c.torch_compile_mode,
-                                    "compiled_blocks": self.compiled_blocks}
+                                    "compiled_blocks": self.compiled_blocks, "warmup_s": self.warmup_s}
         if c.dit_cpu_offload:
             rep["expert_moves"] = [m for m in self.expert_moves if not m["warmup"]]
             rep["offload_device"] = str(self.offload_device)
@@ -440,4 +445,22 @@ def apply_switches(pipe: Any, config: SwitchConfig) -> Optional[Switches]:
     sw.count_forwards()
     sw.apply()
     pipe.switches = sw
+    return sw
+
+
+def apply_generate_switches(pipe: Any, args: Any) -> Optional[Switches]:
+    """``mxdit generate``'s one call: apply ``args.switch_config`` (made by
+    :func:`switch_config_from_args` while validating) and, with ``--enable-torch-compile`` (or
+    ``--warmup``), warm up at the first request's settings."""
+    cfg = getattr(args, "switch_config", None)
+    if cfg is None:
+        cfg = switch_config_from_args(args)
+    sw = apply_switches(pipe, cfg)
+    if cfg.enable_torch_compile or getattr(args, "warmup", False) is True:
+        secs = warmup(pipe, prompt=args.prompts[0], negative_prompt=args.negative_prompt, image=args.image,
+                      height=args.height, width=args.width, num_frames=args.num_frames,
+                      guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, seed=args.seed)
+        if sw is not None:
+            sw.warmup_s = secs
+        logger.info("warmup (2 steps, compile included): %.1f s", secs)
     return sw

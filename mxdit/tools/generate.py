@@ -79,6 +79,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dist-timeout", type=float, default=None,
                    help="seconds a collective may wait before the run fails (default: 1800)")
 
+    from mxdit.pipelines.switches import add_switch_arguments  # --enable-torch-compile, offload, VAE, cache-dit
+
+    add_switch_arguments(p)
+
 
 @dataclass
 class GenerateRequest:
@@ -156,6 +160,12 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
             if d_.is_dir() and not (d_ / DESCRIPTION_FILE).is_file() and not list(d_.glob(DESCRIPTION_GLOB)):
                 raise UsageError(f"--quantization modelslim: {d_} has no {DESCRIPTION_FILE} or {DESCRIPTION_GLOB} "
                                  "(an msmodelslim export goes through 'mxdit repack' first)")
+    from mxdit.pipelines.switches import switch_config_from_args
+
+    try:
+        args.switch_config = switch_config_from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.dtype.lower() not in DTYPES:
         raise UsageError(f"unknown --dtype {args.dtype!r} (choose from: bf16, fp16, fp32)")
     from mxdit.pipelines.inputs import InputError, check_sampling_inputs
@@ -298,6 +308,9 @@ def _run_rank(args: argparse.Namespace) -> int:
         from mxdit.cli import one_line_error
 
         raise GenerateFailure(one_line_error(e)) from None  # raised, so that every other rank is stopped too
+    from mxdit.pipelines.switches import apply_generate_switches
+
+    apply_generate_switches(pipe, args)  # --enable-torch-compile (+ warmup), offload, VAE, cache-dit
     if args.quantization is None and rank0:
         print(f"quantization: {pipe.quantization or 'none'} (detected)", file=sys.stderr)
     many = len(args.prompts) > 1

@@ -16,7 +16,7 @@ from mxdit.pipelines.wan import WanVideoPipeline, psnr, relative_error
 from mxdit.quant.module import quantize_module
 
 PROMPT, NEG = "a red fox runs through the snow", "blurry"
-KW = dict(height=32, width=32, num_frames=5, num_inference_steps=4, seed=0, max_sequence_length=16,
+KW = dict(height=32, width=32, num_frames=1, num_inference_steps=4, seed=0, max_sequence_length=16,
           boundary_ratio=0.875)  # timesteps 999, 900 | 750, 500: 2 high-noise, 2 low-noise steps
 METHODS = ["bf16", "mxfp8", "mxfp4", "mxfp4_dual", "fp8"]
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -229,7 +229,7 @@ def test_generate_cli_switches_in_perf_json(t2v_dir, tmp_path, capsys, monkeypat
     monkeypatch.delenv("SGLANG_CACHE_DIT_ENABLED", raising=False)
     out, perf = tmp_path / "fox.mp4", tmp_path / "perf.json"
     rc = main(["generate", "--model-path", str(t2v_dir), "--prompt", "a red fox", "--height", "32", "--width", "32",
-               "--num-frames", "5", "--num-inference-steps", "3", "--quantization", "mxfp8", "--device", "cpu",
+               "--num-frames", "1", "--num-inference-steps", "2", "--quantization", "mxfp8", "--device", "cpu",
                "--dit-cpu-offload", "--vae-tiling", "--vae-slicing", "false", "--output", str(out),
                "--perf-dump-path", str(perf), "--no-progress"])
     assert rc == 0, capsys.readouterr().err

@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install --quiet --upgrade pip
 	# torch is pinned; on these machines 2.13.0 resolves to the local CPU wheel.
 	$(VPY) -m pip install --quiet "torch==2.13.0"
-	$(VPY) -m pip install --quiet -e ".[pipeline,triton,serve,test]"
+	$(VPY) -m pip install --quiet -e ".[pipeline,triton,serve,cache,test]"
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -149,6 +149,10 @@ class QuantizedAttention:
             q, k = rotate_qk(q, k, q_rot, k_rot)
         elif self.rotate:  # SGLang's online rotation
             q, k = rotate_qk(q, k, online_rotation(q.shape[-1], q.dtype, q.device))
+        if torch.compiler.is_compiling():  # one opaque custom op for torch.compile
+            from mxdit.kernels import ops
+
+            return ops.quantized_attention(q, k, v, self.mode)
         return select_backend(q.device).quantized_attention(q, k, v, mode=self.mode)
 
 

@@ -329,6 +329,7 @@ class WanVideoPipeline:
         self.quantization = quantization
         self.model_load_ms = model_load_ms
         self.lora = None  # mxdit.loader.lora.PipelineLoRA when LoRAs are loaded (from_pretrained(loras=...))
+        self.switches = None  # mxdit.pipelines.switches.apply_switches sets it
 
         vcfg = getattr(vae, "config", None)
         self.z_dim = int(config_get(vcfg, "z_dim", 16))
@@ -751,6 +752,9 @@ class WanVideoPipeline:
                 "transformer" if boundary_timestep is None or t >= boundary_timestep else "transformer_2"
                 for t in timesteps
             ]
+            if self.switches is not None:  # offload / cache-dit / compile (mxdit.pipelines.switches)
+                self.switches.reset_counters()
+                self.switches.begin(experts)
 
         # ---------------------------------------------------------------- denoising
         from tqdm.auto import tqdm
@@ -841,4 +845,6 @@ class WanVideoPipeline:
             model_load_ms=self.model_load_ms,
             model_memory_bytes=self.memory_footprint(),
         )
+        if self.switches is not None:
+            perf["switches"] = self.switches.report()
         return WanVideoOutput(frames=frames, latents=latents, perf=perf)

@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from mxdit.loader.lora import add_lora_arguments
 
     add_lora_arguments(p)
+    from mxdit.pipelines.switches import add_switch_arguments  # --enable-torch-compile, offload, VAE, cache-dit
+
+    add_switch_arguments(p)
     sglang_args.install(p)  # --config files; SGLang flags mxdit lacks -> "not supported: why" (exit 2)
 
 
@@ -236,6 +239,12 @@ def validate(args: argparse.Namespace) -> GenerateRequest:
                 raise UsageError(f"--quantization modelslim: {d_} has no {DESCRIPTION_FILE} or {DESCRIPTION_GLOB} "
                                  "(an msmodelslim export goes through 'mxdit repack' first)")
     dtypes = sglang_args.resolve_precisions(args, UsageError)
+    from mxdit.pipelines.switches import switch_config_from_args
+
+    try:
+        args.switch_config = switch_config_from_args(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     from mxdit.pipelines.inputs import InputError, check_sampling_inputs
 
     if args.attention_backend is not None:
@@ -441,6 +450,11 @@ def _run_rank(args: argparse.Namespace) -> int:
         from mxdit.cli import one_line_error
 
         raise GenerateFailure(one_line_error(e)) from None  # raised, so that every other rank is stopped too
+    from mxdit.pipelines.switches import apply_generate_switches
+
+    first = req.jobs[0]
+    sw = apply_generate_switches(pipe, args, prompt=first.prompt, image=first.image, seed=first.seed)
+    compiled_warm = sw is not None and sw.warmup_s is not None  # --enable-torch-compile warmed up already
     if args.quantization is None and rank0:
         print(f"quantization: {pipe.quantization or 'none'} (detected)", file=sys.stderr)
 
@@ -455,7 +469,7 @@ def _run_rank(args: argparse.Namespace) -> int:
         except ValueError as e:  # e.g. an image-derived size the model cannot take
             raise UsageError(str(e)) from None
 
-    if warmup_enabled(args):  # untimed: first-use costs (allocator, kernels, compilation) stay out of the report
+    if warmup_enabled(args) and not compiled_warm:  # untimed: first-use costs (allocator, kernels, compilation) stay out of the report
         call(req.jobs[0], args.warmup_steps, False)
     for job in req.jobs:
         out = call(job, args.num_inference_steps, not args.no_progress)
@@ -470,7 +484,7 @@ def _run_rank(args: argparse.Namespace) -> int:
         perf = out.perf
         perf["output"] = None if job.output is None else str(job.output)
         perf["fps"] = req.fps
-        perf["warmup"] = warmup_enabled(args)
+        perf["warmup"] = warmup_enabled(args) or compiled_warm
         if job.perf_path is not None:
             write_json_atomic(job.perf_path, perf)
         f, h, w = out.frames.shape[:3]

@@ -52,14 +52,14 @@ REFUSED: list[tuple[str, str]] = [
     (r"--(dit-cpu-offload|dit-layerwise.*|layerwise-.*|dit-offload-.*|text-encoder-cpu-offload|"
      r"image-encoder-cpu-offload|vae-cpu-offload|cpu-offload-components|component-residency|pin-cpu-memory|"
      r"direct-gpu-weight-loading|use-fsdp-inference|offload-during-compile)",
-     "CPU offload / FSDP is not built in this mxdit; every component stays on --device"),
+     "this offload option is not built (mxdit has --dit-cpu-offload and --dit-layerwise-offload; other components stay on --device)"),
     (r"--(enable-torch-compile|regional-compile|enable-breakable-cuda-graph|bcg-.*|dit-config\.torch-compile-mode)",
-     "torch.compile / CUDA graphs are not built in this mxdit"),
+     "this compile option is not built (mxdit has --enable-torch-compile, --torch-compile-backend, --torch-compile-mode; no CUDA graphs)"),
     (r"--(vae-tiling|vae-slicing|vae-sp|diffusion-decoder-.*|vae-config\..*|load-diffusion-decoder|use-diffusion-decoder)",
-     "VAE tiling / slicing / parallel decode is not built; the VAE decodes the whole video"),
+     "this VAE option is not built (mxdit has --vae-tiling and --vae-slicing; no parallel decode)"),
     (r"--(cache-dit-.*|enable-cache-dit|enable-teacache|enable-spectrum|spectrum-.*|w|taylor[-_]order|"
      r"history[-_]size|(spectrum[-_])?(window[-_]size|flex[-_]window)|spectrum_.*|cfg-gate-step)",
-     "feature caching (cache-dit, TeaCache, Spectrum) is not built"),
+     "this caching option is not built (mxdit has --enable-cache-dit and --cache-dit-config; no TeaCache / Spectrum)"),
     (r"--kv-cache-quant.*|--realtime-.*|--num-frame-per-block|--streaming|--refiner-chunked|--dmd-denoising-steps",
      "an option of autoregressive / distilled video models, not of Wan2.2"),
     (r"--(enable-svdquant|quantization-precision|quantization-rank|quantization-act-unsigned|dit-config\.quant-config)",

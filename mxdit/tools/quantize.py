@@ -724,12 +724,13 @@ class _ExpertWriter:
         return ExpertResult(self.plan.title, self.out_dir, desc_path, files, len(ents), mqt, self.reports, report_files)
 
     def _write_config(self) -> None:
+        from mxdit.models.wan.config import is_original_config, read_config_json
+
         cfg = self.plan.ckpt.config
         src_cfg = os.path.join(self.plan.src_dir, "config.json")
         src = None
         if os.path.isfile(src_cfg):
-            with open(src_cfg, encoding="utf-8") as f:
-                src = json.load(f)
+            src = read_config_json(src_cfg)
         dst = os.path.join(self.out_dir, "config.json")
         if self.opts.layout == "diffusers":
             if src is not None and "num_attention_heads" in src:
@@ -737,7 +738,7 @@ class _ExpertWriter:
                 return
             data = {"_class_name": "WanTransformer3DModel", **cfg.to_dict()}
         else:
-            if src is not None and "dim" in src and "num_attention_heads" not in src:
+            if src is not None and is_original_config(src):
                 shutil.copy2(src_cfg, dst)
                 return
             mt = "i2v" if cfg.in_channels == 36 else ("ti2v" if cfg.in_channels == 48 else "t2v")

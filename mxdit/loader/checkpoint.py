@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from mxdit.layers.quantize import DEFAULT_ONLINE_INCLUDE, online_scope  # the one default-scope table
-from mxdit.loader.safetensors_io import CheckpointError, CheckpointFiles, index_weight_map, load_json_strict, resolve_weight_files
-from mxdit.models.wan.config import WanTransformerConfig
+from mxdit.loader.safetensors_io import CheckpointError, CheckpointFiles, index_weight_map, resolve_weight_files
+from mxdit.models.wan.config import WanTransformerConfig, read_config_json as _read_config_json
 from mxdit.models.wan.names import is_original_layout, original_to_diffusers, strip_prefix
 from mxdit.quant import QuantConfig, get_quant_config
 from mxdit.quant.modelslim import DESCRIPTION_FILE, DESCRIPTION_GLOB, WEIGHT_GLOB, find_description_file, load_description, strip_modelslim_wrappers
@@ -182,11 +182,8 @@ def open_checkpoint(path: str, *, config: Optional[WanTransformerConfig | dict] 
 
 
 def read_config_json(path: str) -> dict:
-    """A ``config.json``, strictly parsed; it must be a JSON object."""
-    cfg = load_json_strict(path, "config.json")
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"'{path}': config.json must be a JSON object, got {type(cfg).__name__ if cfg is not None else 'null'}")
-    return cfg
+    """A ``config.json``, strictly parsed; it must be a JSON object (the one reader, raising CheckpointError)."""
+    return _read_config_json(path, "config.json", error=CheckpointError)
 
 
 def config_from_json(path: str) -> WanTransformerConfig:
@@ -194,9 +191,7 @@ def config_from_json(path: str) -> WanTransformerConfig:
     or out-of-range field is one :class:`CheckpointError` naming the file."""
     cfg = read_config_json(path)
     try:
-        if "num_attention_heads" not in cfg and ("dim" in cfg or "num_heads" in cfg):
-            return WanTransformerConfig.from_original_dict(cfg)
-        return WanTransformerConfig.from_dict(cfg)
+        return WanTransformerConfig.from_config(cfg)  # diffusers or original keys (is_original_config)
     except (TypeError, ValueError, KeyError, OverflowError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise CheckpointError(f"'{path}': {msg}") from None

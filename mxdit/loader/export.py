@@ -200,11 +200,10 @@ def write_config(out_dir: str, src_dir: str, config, layout: str) -> None:
     """``config.json`` of the export: the source's when it already has the layout's flavour
     (diffusers names for ``diffusers``, original Wan keys for the msmodelslim layouts), else
     written from ``config`` (a :class:`~mxdit.models.wan.config.WanTransformerConfig`)."""
+    from mxdit.models.wan.config import is_original_config, read_config_json
+
     src_cfg = os.path.join(src_dir, "config.json")
-    src = None
-    if os.path.isfile(src_cfg):
-        with open(src_cfg, encoding="utf-8") as f:
-            src = json.load(f)
+    src = read_config_json(src_cfg) if os.path.isfile(src_cfg) else None
     dst = os.path.join(out_dir, "config.json")
     if layout == "diffusers":
         if src is not None and "num_attention_heads" in src:
@@ -212,7 +211,7 @@ def write_config(out_dir: str, src_dir: str, config, layout: str) -> None:
             return
         data = {"_class_name": "WanTransformer3DModel", **config.to_dict()}
     else:
-        if src is not None and "dim" in src and "num_attention_heads" not in src:
+        if src is not None and is_original_config(src):
             shutil.copy2(src_cfg, dst)
             return
         mt = "i2v" if config.in_channels == 36 else ("ti2v" if config.in_channels == 48 else "t2v")

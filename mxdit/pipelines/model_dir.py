@@ -3,59 +3,27 @@
 The CLI validates its arguments against the model *before* any weights are
 loaded; everything it needs (the kind of model, patch size, VAE strides,
 defaults) is read here from ``model_index.json`` and the components'
-``config.json`` files.  No torch or diffusers import.
+``config.json`` files (with the one reader, :func:`mxdit.models.wan.config.read_config_json`);
+the defaults come from the one table, :data:`mxdit.models.wan.config.SAMPLING_DEFAULTS`.
+No torch or diffusers import.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mxdit.models.wan.config import model_kind, read_config_json, sampling_defaults
+
+from .inputs import WanModelSpec
 
 
 class ModelDirError(ValueError):
     """A model directory is missing, incomplete or malformed (the message names the file)."""
 
 
-#: Sampling defaults per model kind (Wan2.2 configs / SGLang / diffusers model cards).
-#: guidance_scale is for the high-noise expert ``transformer``, guidance_scale_2 for the
-#: low-noise expert ``transformer_2`` (diffusers order; the original Wan repo stores
-#: ``(low, high)``).
-MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
-    "t2v-a14b": dict(height=480, width=832, num_frames=81, num_inference_steps=40,
-                     guidance_scale=4.0, guidance_scale_2=3.0, fps=16),
-    "i2v-a14b": dict(height=720, width=1280, num_frames=81, num_inference_steps=40,
-                     guidance_scale=3.5, guidance_scale_2=3.5, fps=16),
-    "ti2v-5b": dict(height=704, width=1280, num_frames=121, num_inference_steps=50,
-                    guidance_scale=5.0, guidance_scale_2=None, fps=24),
-    # dense Wan2.1-style models (diffusers WanPipeline defaults)
-    "t2v": dict(height=480, width=832, num_frames=81, num_inference_steps=50,
-                guidance_scale=5.0, guidance_scale_2=None, fps=16),
-    "i2v": dict(height=480, width=832, num_frames=81, num_inference_steps=50,
-                guidance_scale=5.0, guidance_scale_2=None, fps=16),
-}
-
-
-def model_kind(*, in_channels: int, z_dim: int, two_experts: bool, expand_timesteps: bool) -> str:
-    """Classify a Wan model: ``t2v-a14b``, ``i2v-a14b``, ``ti2v-5b``, ``t2v`` or ``i2v``."""
-    if expand_timesteps:
-        return "ti2v-5b"
-    concat_i2v = in_channels != z_dim
-    if two_experts:
-        return "i2v-a14b" if concat_i2v else "t2v-a14b"
-    return "i2v" if concat_i2v else "t2v"
-
-
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelDirError(f"missing file {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelDirError(f"cannot read {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ModelDirError(f"{path} does not hold a JSON object")
-    return data
+    return read_config_json(path, error=ModelDirError)
 
 
 def _component_present(index: dict[str, Any], name: str) -> bool:
@@ -87,17 +55,27 @@ class ModelDirInfo:
         return self.path.name
 
     @property
+    def spec(self) -> WanModelSpec:
+        """What the one input validator (:func:`mxdit.pipelines.inputs.check_sampling_inputs`) needs."""
+        return WanModelSpec(
+            name=self.name, kind=self.kind, patch_size=self.patch_size, vae_scale_spatial=self.vae_scale_spatial,
+            vae_scale_temporal=self.vae_scale_temporal, two_experts=self.boundary_ratio is not None,
+            defaults=self.defaults, scheduler_config=self.scheduler_config,
+            scheduler_config_name=f"{self.path}/scheduler/scheduler_config.json",
+        )
+
+    @property
     def size_multiple(self) -> tuple[int, int]:
         """(height, width) must be multiples of these: VAE spatial stride x patch size."""
-        return self.vae_scale_spatial * self.patch_size[1], self.vae_scale_spatial * self.patch_size[2]
+        return self.spec.size_multiple
 
     @property
     def needs_image(self) -> bool:
-        return self.kind in ("i2v-a14b", "i2v")
+        return self.spec.needs_image
 
     @property
     def accepts_image(self) -> bool:
-        return self.kind in ("i2v-a14b", "i2v", "ti2v-5b")
+        return self.spec.accepts_image
 
     @property
     def flow_shift(self) -> float | None:
@@ -157,5 +135,5 @@ def inspect_model_dir(path: str | Path) -> ModelDirInfo:
         boundary_ratio=boundary, expand_timesteps=expand,
         has_transformer_2=has_t2, in_channels=in_ch, out_channels=out_ch, patch_size=patch, z_dim=z_dim,
         vae_scale_spatial=int(spatial), vae_scale_temporal=int(temporal), kind=kind,
-        defaults=dict(MODEL_DEFAULTS[kind]),
+        defaults=sampling_defaults(kind),
     )

@@ -44,7 +44,8 @@ from torch import nn
 
 from mxdit import distributed as mxdist
 
-from .model_dir import MODEL_DEFAULTS, ModelDirInfo, inspect_model_dir, model_kind
+from .inputs import InputError, WanModelSpec, check_sampling_inputs
+from .model_dir import ModelDirInfo, inspect_model_dir, model_kind, sampling_defaults
 from .timing import PerfRecorder
 
 logger = logging.getLogger(__name__)
@@ -163,22 +164,16 @@ def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _load_image(image: Any):
-    """A PIL image from a path, PIL image, uint8 HWC array or tensor (returned as is)."""
+    """A PIL image from a path, PIL image, uint8 HWC array or tensor (returned as is); the
+    value has passed :meth:`WanVideoPipeline.check_inputs`."""
     if isinstance(image, (str, Path)):
         from PIL import Image
 
-        p = Path(image)
-        if not p.is_file():
-            raise FileNotFoundError(f"image {p} does not exist")
-        with Image.open(p) as im:
+        with Image.open(Path(image)) as im:
             return im.convert("RGB")
-    if isinstance(image, np.ndarray):
+    if isinstance(image, np.ndarray):  # checked by check_inputs: uint8 [H, W, 3]
         from PIL import Image
 
-        if image.ndim != 3 or image.shape[-1] != 3:
-            raise ValueError(f"image array must be [H, W, 3], got shape {image.shape}")
-        if image.dtype != np.uint8:
-            raise ValueError(f"image array must be uint8, got {image.dtype}")
         return Image.fromarray(image, mode="RGB")
     return image  # PIL.Image or torch.Tensor, handled by diffusers' VideoProcessor
 
@@ -354,7 +349,15 @@ class WanVideoPipeline:
             )
         if self.kind == "ti2v-5b" and self.in_channels != self.z_dim:
             raise ValueError(f"expand_timesteps needs in_channels == z_dim ({self.z_dim}), got {self.in_channels}")
-        self.defaults = dict(MODEL_DEFAULTS[self.kind])
+        self.defaults = sampling_defaults(self.kind)
+        sched_cfg = getattr(scheduler, "config", None)
+        self.spec = WanModelSpec(
+            name=model_name or "model", kind=self.kind, patch_size=self.patch_size,
+            vae_scale_spatial=self.vae_scale_factor_spatial, vae_scale_temporal=self.vae_scale_factor_temporal,
+            two_experts=self.boundary_ratio is not None, defaults=self.defaults,
+            scheduler_config=dict(sched_cfg) if isinstance(sched_cfg, dict) else {},
+            scheduler_config_name=f"{type(scheduler).__name__} config",
+        )
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -485,7 +488,7 @@ class WanVideoPipeline:
     # ------------------------------------------------------------------ stages
     @property
     def size_multiple(self) -> tuple[int, int]:
-        return self.vae_scale_factor_spatial * self.patch_size[1], self.vae_scale_factor_spatial * self.patch_size[2]
+        return self.spec.size_multiple
 
     def _encode_text(self, prompts: list[str], max_sequence_length: int) -> torch.Tensor:
         """UMT5 embeddings ``[B, max_sequence_length, D]``, zeroed past each prompt's length (diffusers)."""
@@ -578,6 +581,38 @@ class WanVideoPipeline:
         w = max(mw, round(math.sqrt(area / aspect)) // mw * mw)
         return int(h), int(w)
 
+    def check_inputs(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        image: Any = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        guidance_scale_2: float | None = None,
+        boundary_ratio: float | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "np",
+    ) -> None:
+        """Raise :class:`~mxdit.pipelines.inputs.InputError` (a ``ValueError`` naming the field) on
+        the first bad setting, as diffusers' ``check_inputs``; ``None`` means the model's default.
+
+        The checks are :func:`mxdit.pipelines.inputs.check_sampling_inputs`, the same that
+        ``mxdit generate`` / ``mxdit serve`` / ``mxdit quantize`` run before any model loads.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise InputError("output_type", f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        check_sampling_inputs(
+            self.spec, prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, num_frames=num_frames, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            guidance_scale_2=guidance_scale_2, boundary_ratio=boundary_ratio, image=image,
+        )
+
     @torch.no_grad()
     def __call__(
         self,
@@ -624,57 +659,29 @@ class WanVideoPipeline:
 
         # ---------------------------------------------------------------- input validation
         with rec.stage("input_validation"):
-            if output_type not in OUTPUT_TYPES:
-                raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-            if prompt is None and prompt_embeds is None:
-                raise ValueError("provide prompt or prompt_embeds")
-            if prompt is not None and prompt_embeds is not None:
-                raise ValueError("provide prompt or prompt_embeds, not both")
-            if prompt is not None and not isinstance(prompt, (str, list, tuple)):
-                raise TypeError(f"prompt must be a str or a list of str, got {type(prompt).__name__}")
+            num_frames = d["num_frames"] if num_frames is None else num_frames
+            num_inference_steps = d["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+            if image is None or height is not None or width is not None:  # else: from the image's aspect
+                height = d["height"] if height is None else height
+                width = d["width"] if width is None else width
+            self.check_inputs(
+                prompt, negative_prompt, image=image, height=height, width=width, num_frames=num_frames,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                guidance_scale_2=guidance_scale_2, boundary_ratio=boundary_ratio, prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds, output_type=output_type,
+            )
+            num_frames, num_inference_steps = int(num_frames), int(num_inference_steps)
             single = isinstance(prompt, str) or (prompt is None and prompt_embeds.shape[0] == 1)
             prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
             batch_size = len(prompts) if prompts is not None else int(prompt_embeds.shape[0])
-            if batch_size < 1:
-                raise ValueError("empty prompt list")
-            if negative_prompt is not None and negative_prompt_embeds is not None:
-                raise ValueError("provide negative_prompt or negative_prompt_embeds, not both")
-            if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != batch_size:
-                raise ValueError(f"negative_prompt has {len(negative_prompt)} entries for {batch_size} prompts")
-
-            num_frames = int(d["num_frames"] if num_frames is None else num_frames)
             st = self.vae_scale_factor_temporal
-            if num_frames < 1 or num_frames % st != 1:
-                raise ValueError(f"num_frames must be {st}n+1 (e.g. 81, 121), got {num_frames}")
-            num_inference_steps = int(d["num_inference_steps"] if num_inference_steps is None else num_inference_steps)
-            if num_inference_steps < 1:
-                raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-
-            if image is not None and not (self.kind in ("i2v-a14b", "i2v", "ti2v-5b")):
-                raise ValueError(f"this is a text-to-video model ({self.kind}); it takes no image")
-            if image is None and self.kind in ("i2v-a14b", "i2v"):
-                raise ValueError(f"this is an image-to-video model ({self.kind}); an image is required")
             if image is not None:
                 image = _load_image(image)
                 if height is None and width is None:
                     height, width = self.resolve_size_for_image(_image_size(image))
-            height = int(d["height"] if height is None else height)
-            width = int(d["width"] if width is None else width)
-            mh, mw = self.size_multiple
-            if height <= 0 or width <= 0 or height % mh or width % mw:
-                raise ValueError(
-                    f"height and width must be positive multiples of {mh}x{mw} (VAE stride "
-                    f"{self.vae_scale_factor_spatial} x patch {self.patch_size[1]}), got {height}x{width}"
-                )
+            height, width = int(height), int(width)
 
             two_experts = self.boundary_ratio is not None
-            if boundary_ratio is not None:
-                if not two_experts:
-                    raise ValueError("boundary_ratio only applies to two-expert (A14B) models")
-                if not 0.0 <= float(boundary_ratio) <= 1.0:
-                    raise ValueError(f"boundary_ratio must be in [0, 1], got {boundary_ratio}")
-            if guidance_scale_2 is not None and not two_experts:
-                raise ValueError("guidance_scale_2 only applies to two-expert (A14B) models")
             if guidance_scale is None:
                 guidance_scale = d["guidance_scale"]
                 if guidance_scale_2 is None and two_experts:

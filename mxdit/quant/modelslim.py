@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob
-import json
 import os
 import re
 from typing import Any, Callable, Optional

@@ -17,7 +17,7 @@ from typing import Any
 
 from mxdit.cli import finite_float
 from mxdit.errors import UsageError
-from mxdit.quant.schemes import available_quant_methods, canonical_name
+from mxdit.quant.schemes import canonical_name
 
 from mxdit.tools import sglang_args
 from mxdit.tools.sglang_args import DEFAULTS

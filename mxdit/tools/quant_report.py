@@ -105,7 +105,7 @@ def render_markdown(meta: ReportMeta, layers: list[LayerReport]) -> str:
     lines += [
         f"- source: `{meta.source}`",
         f"- recipe: {meta.recipe}; layout: {meta.layout}",
-        f"- weight rules: " + ", ".join(f"{k} {v}" for k, v in meta.weight_rules.items()),
+        "- weight rules: " + ", ".join(f"{k} {v}" for k, v in meta.weight_rules.items()),
         f"- smoothing: {meta.smoothing}",
         f"- activations for the output SQNR: {meta.activations}",
         "",

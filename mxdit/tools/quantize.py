@@ -390,28 +390,19 @@ def _check_output(model_path: str, output: str, overwrite: bool) -> None:
         raise QuantizeError(f"output '{output}' was not written by mxdit; refusing to replace it with --overwrite")
 
 
-def _check_calibration_settings(model_path: str, c: CalibrationSettings) -> None:
-    """The pipeline's own checks, done up front from the model's JSON files (no weights loaded)."""
+def _check_calibration_settings(model_path: str, c: CalibrationSettings, prompt: str) -> None:
+    """The pipeline's own checks (the one validator), done up front from the model's JSON files."""
+    from mxdit.pipelines.inputs import InputError, check_sampling_inputs
     from mxdit.pipelines.model_dir import ModelDirError, inspect_model_dir
 
+    flags = {"num_frames": "--calib-frames", "num_inference_steps": "--calib-steps", "height": "--calib-height",
+             "width": "--calib-width", "image": "--calib-image", "prompt": "--calib-prompts"}
     try:
-        info = inspect_model_dir(model_path)
-    except ModelDirError as e:
-        raise QuantizeError(f"--calib-prompts: {e}") from None
-    mh, mw = info.size_multiple
-    h = info.defaults["height"] if c.height is None else c.height
-    w = info.defaults["width"] if c.width is None else c.width
-    if h <= 0 or w <= 0 or h % mh or w % mw:
-        raise QuantizeError(
-            f"--calib-height/--calib-width {h}x{w}: this model ({info.kind}) needs positive multiples of {mh}x{mw}"
-        )
-    st = info.vae_scale_temporal
-    if c.frames % st != 1:
-        raise QuantizeError(f"--calib-frames {c.frames}: this model needs {st}n+1 frames (e.g. 17)")
-    if info.needs_image and c.image is None:
-        raise QuantizeError(f"calibrating an image-to-video model ({info.kind}) needs --calib-image FILE")
-    if c.image is not None and not info.accepts_image:
-        raise QuantizeError(f"--calib-image: this is a text-to-video model ({info.kind}); it takes no image")
+        check_sampling_inputs(inspect_model_dir(model_path), prompt=prompt, num_frames=c.frames, height=c.height,
+                              width=c.width, num_inference_steps=c.steps, guidance_scale=c.guidance_scale,
+                              image=c.image, name=lambda f: flags.get(f, f))
+    except (ModelDirError, InputError) as e:
+        raise QuantizeError(f"--calib-prompts: {e}" if isinstance(e, ModelDirError) else str(e)) from None
 
 
 def _resolve_smoothing(opts: QuantizeOptions) -> str:
@@ -474,7 +465,7 @@ def quantize_model(model_path: str, output: str, options: Optional[QuantizeOptio
             raise QuantizeError("--calib-steps, --calib-frames and --calib-samples must be >= 1")
         if c.image is not None and not os.path.isfile(c.image):
             raise QuantizeError(f"--calib-image '{c.image}' is not a file")
-        _check_calibration_settings(model_path, c)
+        _check_calibration_settings(model_path, c, prompts[0])
     try:
         torch.device(opts.device)
     except (RuntimeError, ValueError) as e:

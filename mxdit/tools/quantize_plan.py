@@ -4,7 +4,6 @@ while assigning every linear layer its scheme (recipe, K multiple from the schem
 anything is read in bulk or written."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -56,11 +55,9 @@ def resolve_inputs(model_path: str, layout: str) -> tuple[str, list[tuple[str, s
         raise QuantizeError(f"--model-path '{model_path}' is not a directory")
     index = os.path.join(model_path, "model_index.json")
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                mi = json.load(f)
-        except (OSError, ValueError) as e:
-            raise QuantizeError(f"cannot read '{index}': {e}") from None
+        from mxdit.models.wan.config import read_config_json
+
+        mi = read_config_json(index, error=QuantizeError)
         keys = [k for k in ("transformer", "transformer_2")
                 if isinstance(mi.get(k), (list, tuple)) and len(mi[k]) == 2 and mi[k][0] is not None]
         if "transformer" not in keys:
@@ -113,10 +110,11 @@ def _config_has_quantization(directory: str) -> bool:
     p = os.path.join(directory, "config.json")
     if not os.path.isfile(p):
         return False
+    from mxdit.models.wan.config import read_config_json
+
     try:
-        with open(p, encoding="utf-8") as f:
-            return bool(json.load(f).get("quantization_config"))
-    except (OSError, ValueError, AttributeError):
+        return bool(read_config_json(p).get("quantization_config"))
+    except ValueError:
         return False
 
 

@@ -1,4 +1,5 @@
-"""Wan2.x transformer configuration, Wan2.2 presets and per-model pipeline facts.
+"""Wan2.x transformer configuration, Wan2.2 presets, per-model pipeline facts and the one
+sampling-defaults table; the one reader of a model's JSON configs.
 
 :class:`WanTransformerConfig` uses diffusers' field names (``WanTransformer3DModel``
 ``config.json``), so a diffusers checkpoint's config loads with
@@ -12,11 +13,12 @@ Sources: Wan-Video/Wan2.2 ``wan/configs/*.py``; diffusers 0.42.1
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
+
+from mxdit.fsutil import read_json_strict
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,31 @@ def _check_patch_size(key: str, value: Any) -> tuple[int, int, int]:
     if not isinstance(value, (list, tuple)) or len(value) != 3:
         raise TypeError(f"config key '{key}' must be a list of 3 ints (t, h, w), got {value!r}")
     return tuple(_check_int(f"{key}[{i}]", v) for i, v in enumerate(value))  # type: ignore[return-value]
+
+
+def read_config_json(path: str | os.PathLike, what: Optional[str] = None, *, error: type = ValueError
+                     ) -> dict[str, Any]:
+    """The one reader of a model's JSON configs (``config.json``, ``model_index.json``,
+    ``scheduler_config.json``): strictly parsed (duplicate keys, NaN / Infinity and bad UTF-8
+    are errors, see :func:`mxdit.fsutil.read_json_strict`) and a JSON object.  Any problem
+    raises ``error`` (the caller's one error type) with a one-line message naming the file."""
+    path = os.fspath(path)
+    what = what or os.path.basename(path)
+    if not os.path.isfile(path):
+        raise error(f"missing file {path}")
+    data = read_json_strict(path, what, error=error)
+    if not isinstance(data, dict):
+        got = "null" if data is None else type(data).__name__
+        raise error(f"'{path}': {what} must be a JSON object, got {got}")
+    return data
+
+
+def is_original_config(config: Mapping[str, Any]) -> bool:
+    """Whether a transformer ``config.json`` uses the original Wan keys (``dim``, ``num_heads``,
+    ``in_dim``: Wan-Video ``WanModel``) rather than diffusers' (``num_attention_heads``, ...).
+    The one config-level layout detector; the tensor-name one is
+    :func:`mxdit.models.wan.names.is_original_layout`."""
+    return "num_attention_heads" not in config and any(k in config for k in ("dim", "num_heads", "in_dim"))
 
 
 @dataclass(frozen=True)
@@ -158,7 +185,7 @@ class WanTransformerConfig:
         """
         if not isinstance(config, Mapping):
             raise TypeError(f"config must be a mapping, got {_type_name(config)}")
-        if any(k in config for k in ("dim", "num_heads", "in_dim")) and "num_attention_heads" not in config:
+        if is_original_config(config):
             raise ValueError(
                 "this looks like an original Wan config (keys dim/num_heads/in_dim); "
                 "use WanTransformerConfig.from_original_dict"
@@ -171,16 +198,16 @@ class WanTransformerConfig:
         return cls(**kwargs)
 
     @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "WanTransformerConfig":
+        """Build from a ``config.json`` dict in either layout (detected by :func:`is_original_config`)."""
+        if not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping, got {_type_name(config)}")
+        return cls.from_original_dict(config) if is_original_config(config) else cls.from_dict(config)
+
+    @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "WanTransformerConfig":
-        """Read a ``config.json``: diffusers layout, or original Wan layout (detected)."""
-        with open(path, "r", encoding="utf-8") as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from e
-        if "num_attention_heads" not in config and ("dim" in config or "num_heads" in config):
-            return cls.from_original_dict(config)
-        return cls.from_dict(config)
+        """Read a ``config.json`` (:func:`read_config_json`): diffusers layout, or original Wan layout (detected)."""
+        return cls.from_config(read_config_json(path))
 
     @classmethod
     def from_original_dict(cls, config: Mapping[str, Any], *, clip_image_branch: bool = False
@@ -267,32 +294,100 @@ PRESETS: dict[str, WanTransformerConfig] = {
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """What a generation uses for an unset setting, per model kind.
+
+    ``guidance_scale`` drives the high-noise expert ``transformer`` (``t >= boundary_ratio *
+    num_train_timesteps``) and ``guidance_scale_2`` the low-noise ``transformer_2`` (diffusers'
+    order; the original repo stores ``sample_guide_scale = (low, high)``).  For image-to-video
+    the size is an area: the output keeps the input image's aspect ratio at ``height * width``
+    (Wan2.2 ``generate.py --size``).
+    """
+
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_scale_2: Optional[float]
+    fps: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+#: The one sampling-defaults table, per model kind (see :func:`model_kind`).  Sources:
+#: Wan-Video/Wan2.2 @42bf4cf ``wan/configs/wan_{t2v,i2v}_A14B.py`` / ``wan_ti2v_5B.py`` (steps,
+#: guidance, frames; ``shared_config.py`` fps 16) and ``generate.py`` (``--size 1280*720``, an area
+#: for I2V: 720x1280); SGLang ``configs/sample/wan.py`` ``Wan2_2_*_SamplingParam`` (the same steps,
+#: guidance and fps; TI2V-5B 704x1280, 121 frames, 24 fps).  T2V-A14B keeps 480x832 (diffusers'
+#: ``WanPipeline`` default; SGLang and the original list it among the supported sizes).  The dense
+#: Wan2.1-style kinds take diffusers' ``WanPipeline`` / ``WanImageToVideoPipeline`` defaults.
+SAMPLING_DEFAULTS: dict[str, SamplingDefaults] = {
+    "t2v-a14b": SamplingDefaults(height=480, width=832, num_frames=81, num_inference_steps=40,
+                                 guidance_scale=4.0, guidance_scale_2=3.0, fps=16),
+    "i2v-a14b": SamplingDefaults(height=720, width=1280, num_frames=81, num_inference_steps=40,
+                                 guidance_scale=3.5, guidance_scale_2=3.5, fps=16),
+    "ti2v-5b": SamplingDefaults(height=704, width=1280, num_frames=121, num_inference_steps=50,
+                                guidance_scale=5.0, guidance_scale_2=None, fps=24),
+    "t2v": SamplingDefaults(height=480, width=832, num_frames=81, num_inference_steps=50,
+                            guidance_scale=5.0, guidance_scale_2=None, fps=16),
+    "i2v": SamplingDefaults(height=480, width=832, num_frames=81, num_inference_steps=50,
+                            guidance_scale=5.0, guidance_scale_2=None, fps=16),
+}
+
+
+def model_kind(*, in_channels: int, z_dim: int, two_experts: bool, expand_timesteps: bool) -> str:
+    """Classify a Wan model: ``t2v-a14b``, ``i2v-a14b``, ``ti2v-5b``, ``t2v`` or ``i2v``."""
+    if expand_timesteps:
+        return "ti2v-5b"
+    concat_i2v = in_channels != z_dim
+    if two_experts:
+        return "i2v-a14b" if concat_i2v else "t2v-a14b"
+    return "i2v" if concat_i2v else "t2v"
+
+
+def sampling_defaults(kind: str) -> dict[str, Any]:
+    """:data:`SAMPLING_DEFAULTS` of ``kind`` as a fresh dict."""
+    try:
+        return SAMPLING_DEFAULTS[kind].as_dict()
+    except KeyError:
+        raise ValueError(f"unknown Wan model kind {kind!r}; known: {sorted(SAMPLING_DEFAULTS)}") from None
+
+
+def _sampling(name: str) -> property:
+    return property(lambda self: getattr(SAMPLING_DEFAULTS[self.kind], name),
+                    doc=f"``SAMPLING_DEFAULTS[kind].{name}`` (the one table)")
+
+
+@dataclass(frozen=True)
 class WanModelFacts:
     """Pipeline facts of one Wan2.2 model (Wan2.2 ``wan/configs``, diffusers, SGLang).
 
-    Guidance follows diffusers: ``guidance_scale`` drives the high-noise expert
-    (``t >= boundary_ratio * num_train_timesteps``) and ``guidance_scale_2`` the
-    low-noise one.  The original repo stores ``sample_guide_scale = (low, high)``.
+    The sampling defaults (``height``, ``guidance_scale``, ...) are read from
+    :data:`SAMPLING_DEFAULTS` for the model's ``kind``; they are not stored twice.
     """
 
+    kind: str
     two_experts: bool
     boundary_ratio: Optional[float]
     #: the original repo's ``sample_shift`` (SGLang uses the same values)
     flow_shift: float
     #: what diffusers' converted pipelines ship in their scheduler config
     flow_shift_diffusers: float
-    guidance_scale: float
-    guidance_scale_2: Optional[float]
-    num_inference_steps: int
-    num_frames: int
-    fps: int
-    height: int
-    width: int
     vae_stride: tuple[int, int, int]
     z_dim: int
     expand_timesteps: bool
     num_train_timesteps: int = 1000
     text_len: int = TEXT_LEN
+
+    height = _sampling("height")
+    width = _sampling("width")
+    num_frames = _sampling("num_frames")
+    num_inference_steps = _sampling("num_inference_steps")
+    guidance_scale = _sampling("guidance_scale")
+    guidance_scale_2 = _sampling("guidance_scale_2")
+    fps = _sampling("fps")
 
     @property
     def boundary_timestep(self) -> Optional[float]:
@@ -301,26 +396,20 @@ class WanModelFacts:
 
 MODEL_FACTS: dict[str, WanModelFacts] = {
     "Wan2.2-T2V-A14B": WanModelFacts(
-        two_experts=True, boundary_ratio=0.875,
+        kind="t2v-a14b", two_experts=True, boundary_ratio=0.875,
         # Original sample_shift 12.0; diffusers' converted scheduler uses 3.0 for A14B.
         flow_shift=12.0, flow_shift_diffusers=3.0,
-        guidance_scale=4.0, guidance_scale_2=3.0,  # high-noise 4.0, low-noise 3.0
-        num_inference_steps=40, num_frames=81, fps=16, height=480, width=832,
         vae_stride=(4, 8, 8), z_dim=16, expand_timesteps=False,
     ),
     "Wan2.2-I2V-A14B": WanModelFacts(
-        two_experts=True, boundary_ratio=0.9,
+        kind="i2v-a14b", two_experts=True, boundary_ratio=0.9,
         # Original sample_shift 5.0 (its docstring suggests 3.0 at 480p); diffusers uses 3.0.
         flow_shift=5.0, flow_shift_diffusers=3.0,
-        guidance_scale=3.5, guidance_scale_2=3.5,
-        num_inference_steps=40, num_frames=81, fps=16, height=480, width=832,
         vae_stride=(4, 8, 8), z_dim=16, expand_timesteps=False,
     ),
     "Wan2.2-TI2V-5B": WanModelFacts(
-        two_experts=False, boundary_ratio=None,
+        kind="ti2v-5b", two_experts=False, boundary_ratio=None,
         flow_shift=5.0, flow_shift_diffusers=5.0,
-        guidance_scale=5.0, guidance_scale_2=None,
-        num_inference_steps=50, num_frames=121, fps=24, height=704, width=1280,
         vae_stride=(4, 16, 16), z_dim=48, expand_timesteps=True,
     ),
 }

@@ -83,7 +83,7 @@ def t2v(tmp_path_factory):
 def served(t2v, tmp_path_factory):
     out = tmp_path_factory.mktemp("serve-out")
     port = _free_port()
-    proc = _start(t2v, out, port)
+    proc = _start(t2v, out, port, "--dit-cpu-offload", "--vae-slicing")  # switches keep the frames identical
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_health(base, proc)
@@ -122,6 +122,9 @@ def test_openai_sdk_gets_the_generate_video(served, reference_frames, tmp_path):
     np.testing.assert_array_equal(_frames(dst), reference_frames)
     perf = httpx.get(f"{base}/v1/videos/{v.id}/perf").json()
     assert len(perf["denoise_steps_ms"]) == 2 and perf["settings"]["seed"] == 7
+    sw = perf["switches"]  # the server's switches, reported per job
+    assert sw["dit_cpu_offload"] and sw["vae_slicing"] and not sw["dit_layerwise_offload"]
+    assert [m["to_device"] for m in sw["expert_moves"]] == ["transformer_2"], sw  # one swap, at the boundary
     listed = client.videos.list()
     assert v.id in [x.id for x in listed.data]
 

@@ -35,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue-size", type=int, default=16, help="queued jobs before POST answers 429")
     g.add_argument("--served-model-name", default=None, help="the model id /v1/models reports")
     sglang_args.add_parallel_arguments(p, serve=True)
+    from mxdit.pipelines.switches import add_switch_arguments  # --enable-torch-compile, offload, VAE, cache-dit
+
+    add_switch_arguments(p)
     sglang_args.install(p)  # --config files; SGLang flags mxdit lacks -> "not supported: why" (exit 2)
 
 
@@ -74,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
     if args.quantization is not None:
         canonical_name(args.quantization, what="--quantization")  # the one name check (a ValueError: exit 2)
     sglang_args.resolve_precisions(args, UsageError)
+    from mxdit.pipelines.switches import switch_config_from_args
+
+    try:
+        args.switch_config = switch_config_from_args(args)  # checked before anything loads (exit 2)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         info = inspect_model_dir(args.model_path)
     except ModelDirError as e:
@@ -148,6 +157,11 @@ def _serve_rank(args: argparse.Namespace, parallel) -> int:
             loras=lora_specs_from_args(args), lora_merge_mode=args.lora_merge_mode)
     except (FileNotFoundError, NotImplementedError, ValueError) as e:
         raise ServeFailure(str(e)) from None  # raised, so that every other rank is stopped too
+    from mxdit.pipelines.switches import apply_switches
+
+    # the switches hold for every job (each job's perf JSON reports them); with --enable-torch-compile
+    # the first job compiles (the server does not know the first request's size)
+    apply_switches(pipe, args.switch_config)
     if not multi:
         engine = Engine(pipe, info)
     else:

@@ -13,6 +13,7 @@ from mxdit.kernels import ops
 from mxdit.models.wan.transformer import WanTransformer3DModel
 from mxdit.pipelines import switches as S
 from mxdit.pipelines.wan import WanVideoPipeline, psnr, relative_error
+from mxdit.tools.sglang_args import add_switch_arguments
 from mxdit.layers.quantize import quantize_module
 
 PROMPT, NEG = "a red fox runs through the snow", "blurry"
@@ -202,7 +203,7 @@ def test_cache_dit_on_quantized_model_skips_blocks(t2v_dir):
 # ----------------------------------------------------------------------------- flags
 def _args(argv):
     p = argparse.ArgumentParser()
-    S.add_switch_arguments(p)
+    add_switch_arguments(p)
     return p.parse_args(argv)
 
 

@@ -391,22 +391,6 @@ def attach_after_load(experts: dict[str, Optional[nn.Module]], merges: dict, per
     return ctl
 
 
-def add_lora_arguments(p) -> None:
-    """The LoRA flags of ``mxdit generate`` / ``mxdit serve`` (SGLang's names), as one argument group."""
-    g = p.add_argument_group("LoRA", "low-rank adapters on both experts (any quantization); see README 'LoRA'")
-    g.add_argument("--lora-path", nargs="+", default=None, metavar="[TARGET=]FILE",
-                   help="LoRA .safetensors file(s) (diffusers/peft, original Wan / ComfyUI / lightx2v, kohya keys); "
-                        "TARGET transformer= or transformer_2= puts a file on one A14B expert (high / low noise)")
-    g.add_argument("--lora-nickname", nargs="+", default=["default"],
-                   help="adapter name(s): one, or one per --lora-path (default: default)")
-    g.add_argument("--lora-scale", nargs="+", type=float, default=[1.0],
-                   help="scale(s) of the low-rank update: one, or one per --lora-path (default 1.0)")
-    g.add_argument("--lora-merge-mode", choices=MERGE_MODES, default="auto",
-                   help="merge: into the BF16 weights before online quantization (fixed for the run); dynamic: "
-                        "unmerged branch, switchable (serve: /v1/set_lora); auto (default): merge unless the base "
-                        "is pre-quantized")
-
-
 def lora_specs_from_args(args) -> list[LoRASpec]:
     """The --lora-* flags -> specs (files checked to exist); raises :class:`LoRAError`."""
     specs = parse_lora_paths(getattr(args, "lora_path", None) or [], getattr(args, "lora_nickname", None),

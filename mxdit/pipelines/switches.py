@@ -42,7 +42,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SwitchConfig", "Switches", "apply_switches", "add_switch_arguments", "switch_config_from_args",
+__all__ = ["SwitchConfig", "Switches", "apply_switches", "switch_config_from_args",
            "compile_repeated_blocks", "warmup", "apply_generate_switches", "load_cache_dit_config", "CACHE_DIT_DEFAULTS"]
 
 #: SGLang's cache-dit defaults and environment variables (python/sglang/multimodal_gen/docs/cache_dit.md)
@@ -82,36 +82,14 @@ class SwitchConfig:
                     self.vae_tiling, self.vae_slicing, self.enable_cache_dit))
 
 
-# ----------------------------------------------------------------------------- CLI
-def _bool(v: str) -> bool:
+def parse_bool(v: str) -> bool:
+    """A boolean flag or variable (SGLang's StoreBoolean spellings; empty is false)."""
     s = str(v).strip().lower()
     if s in _TRUE:
         return True
     if s in _FALSE:
         return False
     raise ValueError(f"expected true/false, got {v!r}")
-
-
-def add_switch_arguments(p) -> None:
-    """The switches as one argument group (``--flag`` or ``--flag true|false``, as SGLang's StoreBoolean)."""
-    import argparse
-
-    g = p.add_argument_group("switches", "memory / speed switches beside quantization (README 'Switches')")
-    for flag, help_ in (
-        ("--enable-torch-compile", "compile every transformer block (regional torch.compile) and warm it up"),
-        ("--dit-cpu-offload", "A14B: keep the idle expert in CPU memory, swap at the boundary step"),
-        ("--dit-layerwise-offload", "stream transformer blocks to the device one at a time"),
-        ("--vae-tiling", "tiled VAE decoding (diffusers' enable_tiling)"),
-        ("--vae-slicing", "sliced VAE decoding, one video at a time (diffusers' enable_slicing)"),
-        ("--enable-cache-dit", "cache-dit DBCache block caching (SGLANG_CACHE_DIT_* env vars apply)"),
-    ):
-        g.add_argument(flag, nargs="?", const=True, default=None, type=_bool, metavar="BOOL", help=help_)
-    g.add_argument("--torch-compile-backend", default="inductor", help="torch.compile backend (default inductor)")
-    g.add_argument("--torch-compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
-    g.add_argument("--cache-dit-config", default=None,
-                   help="JSON/YAML file of cache-dit DBCacheConfig fields (Fn_compute_blocks, Bn_compute_blocks, "
-                        "residual_diff_threshold, max_warmup_steps, ...); implies --enable-cache-dit")
-    del argparse
 
 
 def load_cache_dit_config(path: Optional[str] = None, env: Optional[dict] = None) -> dict[str, Any]:

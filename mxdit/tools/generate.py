@@ -35,12 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_sampling_arguments(p)
     add_output_arguments(p)
     sglang_args.add_parallel_arguments(p)
-    from mxdit.loader.lora import add_lora_arguments
-
-    add_lora_arguments(p)
-    from mxdit.pipelines.switches import add_switch_arguments  # --enable-torch-compile, offload, VAE, cache-dit
-
-    add_switch_arguments(p)
+    sglang_args.add_lora_arguments(p)
+    sglang_args.add_switch_arguments(p)  # --enable-torch-compile, offload, VAE, cache-dit
     sglang_args.install(p)  # --config files; SGLang flags mxdit lacks -> "not supported: why" (exit 2)
 
 

@@ -22,9 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """``sglang serve``'s flags (v0.5.23) for what mxdit serves; the model / precision / quantization and
     parallelism groups are ``mxdit generate``'s (one definition, :mod:`mxdit.tools.sglang_args`)."""
     sglang_args.add_model_arguments(p, serve=True)
-    from mxdit.loader.lora import add_lora_arguments
-
-    add_lora_arguments(p)
+    sglang_args.add_lora_arguments(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default=DEFAULTS["host"], help=f"bind address (default {DEFAULTS['host']}; others need --api-key)")
     g.add_argument("--port", type=int, default=DEFAULTS["port"])
@@ -35,9 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue-size", type=int, default=16, help="queued jobs before POST answers 429")
     g.add_argument("--served-model-name", default=None, help="the model id /v1/models reports")
     sglang_args.add_parallel_arguments(p, serve=True)
-    from mxdit.pipelines.switches import add_switch_arguments  # --enable-torch-compile, offload, VAE, cache-dit
-
-    add_switch_arguments(p)
+    sglang_args.add_switch_arguments(p)  # --enable-torch-compile, offload, VAE, cache-dit
     sglang_args.install(p)  # --config files; SGLang flags mxdit lacks -> "not supported: why" (exit 2)
 
 

@@ -301,3 +301,45 @@ def resolve_precisions(args: argparse.Namespace, usage_error: Callable[[str], Ex
 def quant_options(args: argparse.Namespace) -> dict[str, Any]:
     """Loader options from the flags (``ignore=`` of ``get_quant_config`` / ``OnlineQuantConfig``)."""
     return {"ignore": list(args.quantization_ignored_layers)} if args.quantization_ignored_layers else {}
+
+
+# ---------------------------------------------------------------------- LoRA and the switches (SGLang's names)
+def add_lora_arguments(p) -> None:
+    """The LoRA flags of ``mxdit generate`` / ``mxdit serve`` (SGLang's names), as one argument group."""
+    from mxdit.loader.lora import MERGE_MODES
+
+    g = p.add_argument_group("LoRA", "low-rank adapters on both experts (any quantization); see README 'LoRA'")
+    g.add_argument("--lora-path", nargs="+", default=None, metavar="[TARGET=]FILE",
+                   help="LoRA .safetensors file(s) (diffusers/peft, original Wan / ComfyUI / lightx2v, kohya keys); "
+                        "TARGET transformer= or transformer_2= puts a file on one A14B expert (high / low noise)")
+    g.add_argument("--lora-nickname", nargs="+", default=["default"],
+                   help="adapter name(s): one, or one per --lora-path (default: default)")
+    g.add_argument("--lora-scale", nargs="+", type=finite_float, default=[1.0],
+                   help="scale(s) of the low-rank update: one, or one per --lora-path (default 1.0)")
+    g.add_argument("--lora-merge-mode", choices=MERGE_MODES, default="auto",
+                   help="merge: into the BF16 weights before online quantization (fixed for the run); dynamic: "
+                        "unmerged branch, switchable (serve: /v1/set_lora); auto (default): merge unless the base "
+                        "is pre-quantized")
+
+
+
+
+def add_switch_arguments(p) -> None:
+    """The switches as one argument group (``--flag`` or ``--flag true|false``, as SGLang's StoreBoolean)."""
+    from mxdit.pipelines.switches import parse_bool
+
+    g = p.add_argument_group("switches", "memory / speed switches beside quantization (README 'Switches')")
+    for flag, help_ in (
+        ("--enable-torch-compile", "compile every transformer block (regional torch.compile) and warm it up"),
+        ("--dit-cpu-offload", "A14B: keep the idle expert in CPU memory, swap at the boundary step"),
+        ("--dit-layerwise-offload", "stream transformer blocks to the device one at a time"),
+        ("--vae-tiling", "tiled VAE decoding (diffusers' enable_tiling)"),
+        ("--vae-slicing", "sliced VAE decoding, one video at a time (diffusers' enable_slicing)"),
+        ("--enable-cache-dit", "cache-dit DBCache block caching (SGLANG_CACHE_DIT_* env vars apply)"),
+    ):
+        g.add_argument(flag, nargs="?", const=True, default=None, type=parse_bool, metavar="BOOL", help=help_)
+    g.add_argument("--torch-compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    g.add_argument("--torch-compile-mode", default=None, help="torch.compile mode (e.g. max-autotune-no-cudagraphs)")
+    g.add_argument("--cache-dit-config", default=None,
+                   help="JSON/YAML file of cache-dit DBCacheConfig fields (Fn_compute_blocks, Bn_compute_blocks, "
+                        "residual_diff_threshold, max_warmup_steps, ...); implies --enable-cache-dit")
